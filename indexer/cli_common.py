@@ -1,0 +1,70 @@
+"""What every layer's commands share: option types, JSON output, progress bars, and the error
+rule (exit 1 with one line, no traceback unless --debug; exit 2 for usage)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+DEBUG = {"on": False}
+
+
+class UserError(Exception):
+    """A problem the user can fix: printed as one line, exit 1."""
+
+
+def default_store() -> str:
+    return os.environ.get("PHISEARCH_STORE", str(Path.home() / ".phisearch" / "store"))
+
+
+DataOpt = Annotated[list[str], typer.Option("--data", help="Shard path, brace pattern "
+                    "(train-{000000..000009}.tar) or pipe: command; repeatable.")]
+CheckpointOpt = Annotated[str | None, typer.Option(
+    "--checkpoint", help="A .safetensors file or a built-in name (default: the shipped model).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda")]
+StoreOpt = Annotated[str | None, typer.Option(
+    "--store", help="Embedded Qdrant Edge store folder (default $PHISEARCH_STORE or "
+    "~/.phisearch/store).")]
+UrlOpt = Annotated[str | None, typer.Option(
+    "--qdrant-url", envvar="QDRANT_URL", help="A Qdrant server URL instead of the embedded store.")]
+ApiKeyOpt = Annotated[str | None, typer.Option(
+    "--api-key", envvar="QDRANT_API_KEY", help="Qdrant server API key.")]
+CollectionOpt = Annotated[str, typer.Option("--collection", help="Collection name.")]
+
+
+def emit_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, sort_keys=False, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+def progress(total: int | None = None, desc: str = "", unit: str = "img"):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True,
+                disable=os.environ.get("PHISEARCH_NO_PROGRESS") == "1", smoothing=0.1)
+
+
+def store_config(store: str | None, qdrant_url: str | None, api_key: str | None,
+                 collection: str, **kw):
+    """CLI flags -> StoreConfig: a server URL wins; else the Edge folder (default documented)."""
+    from .store import StoreConfig
+
+    if qdrant_url:
+        return StoreConfig(url=qdrant_url, api_key=api_key, collection=collection, **kw)
+    return StoreConfig(path=store or default_store(), collection=collection, **kw)
+
+
+def where(cfg) -> str:
+    return cfg.url if cfg.url else f"{cfg.path} (collection {cfg.collection})"

@@ -1,0 +1,156 @@
+"""Readouts: which network activations form a collection's dense `phi` vector.
+
+`mid` is the paper's φ (middle-block channel means, SPEC §2). `blocks` concatenates the means of
+every encoder block's output and the middle block's. Either may be whitened: PCA to K dims with
+unit variance per dim, fitted on training-set vectors and stored with the checkpoint, so that
+Euclidean distance weighs every direction of variation alike. The sparse `phi_sparse` vector is
+always the middle block's non-zero channels, whatever the readout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .phi import MID
+
+READOUT_TAPS: dict[str, tuple[str, ...]] = {
+    "mid": (MID,),
+    "blocks": ("E1.out", "E2.out", "E3.out", MID),
+}
+
+
+@dataclass(frozen=True)
+class Whitening:
+    """x -> (x - mean) @ proj, proj = V_k / sqrt(λ_k): PCA to K dims, unit variance."""
+
+    mean: np.ndarray   # (D,)
+    proj: np.ndarray   # (D, K)
+
+    @classmethod
+    def fit(cls, x: np.ndarray, k: int, eps: float = 1e-6) -> "Whitening":
+        x = np.asarray(x, np.float64)
+        mean = x.mean(0)
+        # SVD of the centred data: right singular vectors are the principal axes.
+        _, s, vt = np.linalg.svd(x - mean, full_matrices=False)
+        k = min(k, vt.shape[0])
+        var = s[:k] ** 2 / max(len(x) - 1, 1)
+        # Fix each axis' sign so that the fit is deterministic across LAPACK builds.
+        signs = np.sign(vt[:k, np.argmax(np.abs(vt[:k]), axis=1)].diagonal())
+        signs[signs == 0] = 1
+        proj = (vt[:k] * signs[:, None]).T / np.sqrt(var + eps)
+        return cls(mean.astype(np.float32), proj.astype(np.float32))
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        return ((np.asarray(x, np.float32) - self.mean) @ self.proj).astype(np.float32)
+
+    def sha256(self) -> str:
+        h = hashlib.sha256()
+        for a in (self.mean, self.proj):
+            h.update(str(a.shape).encode())
+            h.update(np.ascontiguousarray(a, np.float32).tobytes())
+        return h.hexdigest()
+
+    def to_tensors(self, prefix: str) -> dict[str, Tensor]:
+        return {f"{prefix}.mean": torch.from_numpy(self.mean.copy()),
+                f"{prefix}.proj": torch.from_numpy(self.proj.copy())}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, Tensor], prefix: str) -> "Whitening | None":
+        if f"{prefix}.mean" not in tensors:
+            return None
+        return cls(tensors[f"{prefix}.mean"].float().numpy(), tensors[f"{prefix}.proj"].float().numpy())
+
+
+@dataclass(frozen=True)
+class Readout:
+    """A named readout, optionally with its whitening."""
+
+    name: str = "mid"
+    whitening: Whitening | None = None
+
+    def __post_init__(self) -> None:
+        if self.name not in READOUT_TAPS:
+            raise ValueError(f'unknown readout "{self.name}"; choose from {sorted(READOUT_TAPS)}')
+
+    @property
+    def taps(self) -> tuple[str, ...]:
+        return READOUT_TAPS[self.name]
+
+    @property
+    def label(self) -> str:
+        """e.g. 'mid' or 'blocks+white64': what a collection records as its readout."""
+        if self.whitening is None:
+            return self.name
+        return f"{self.name}+white{self.whitening.proj.shape[1]}"
+
+    def sha256(self) -> str:
+        h = hashlib.sha256(self.label.encode())
+        if self.whitening is not None:
+            h.update(self.whitening.sha256().encode())
+        return h.hexdigest()
+
+    def concat(self, feats: dict[str, Tensor]) -> np.ndarray:
+        """The raw readout before whitening: (N, D) float32."""
+        return torch.cat([feats[t].float() for t in self.taps], dim=1).numpy()
+
+    def vectors(self, feats: dict[str, Tensor]) -> np.ndarray:
+        """The dense vectors of a batch: (N, D or K) float32."""
+        x = self.concat(feats)
+        return self.whitening.apply(x) if self.whitening is not None else x
+
+    @classmethod
+    def from_checkpoint(cls, label: str, extras: dict[str, Tensor]) -> "Readout":
+        """Resolve a readout label ('mid', 'blocks+white64') against a checkpoint's extras."""
+        name, _, white = label.partition("+")
+        if not white:
+            return cls(name)
+        w = Whitening.from_tensors(extras, f"readout.{label}")
+        if w is None:
+            raise ValueError(f'readout "{label}" needs a whitening fitted with the checkpoint; '
+                             f"this checkpoint has {sorted(extras) or 'none'}")
+        return cls(name, w)
+
+
+def fit_into_checkpoint(checkpoint: str, urls: list[str], name: str, dims: int, sigma: float,
+                        draws: int, seed: int, limit: int | None = None,
+                        make_default: bool = True, on_batch=None) -> str:
+    """Fit a whitened readout on the shards' vectors and store it inside the checkpoint (extras
+    'readout.<label>.mean/.proj'); the weights, and so the model's sha256, are unchanged.
+    Returns the readout label, e.g. 'blocks+white64'."""
+    from . import checkpoint as ckpt
+    from .phi import features
+    from .shards import loader
+
+    c = ckpt.load(checkpoint)
+    base = Readout(name)
+    rows: list[np.ndarray] = []
+    n = 0
+    for batch in loader(urls, 64, workers=1):
+        if not batch.samples:
+            continue
+        f = features(c.model, batch.images(), sigma, draws, seed, base.taps)
+        rows.append(base.concat(f))
+        n += len(batch)
+        if on_batch:
+            on_batch(len(batch))
+        if limit and n >= limit:
+            break
+    w = Whitening.fit(np.concatenate(rows)[:limit], dims)
+    label = Readout(name, w).label
+    extras = dict(c.extras)
+    extras.update(w.to_tensors(f"readout.{label}"))
+    info = dict(c.info)
+    info.setdefault("readouts", {})[label] = {
+        "fitted_on": urls, "images": int(min(n, limit or n)), "sigma": sigma, "draws": draws,
+        "seed": seed}
+    if make_default:
+        info["readout"] = label
+        info["phi_defaults"] = {"sigma": sigma, "draws": draws, "seed": seed}
+    ckpt.save(c.model, c.path, info, dtype=c.weights_dtype, preset_name=info.get("preset"),
+              extras=extras)
+    return label

@@ -1,0 +1,261 @@
+"""WebDataset shards -> batches of decoded 64x64 samples, with every bad sample counted.
+
+Reading and decoding run in DataLoader workers (one shard at a time per worker). A batch carries
+its samples, the samples skipped since the last batch (with reasons) and the shards whose last
+sample it holds, so the writer can mark a shard complete exactly when its last point is stored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import tarfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from braceexpand import braceexpand
+from torch.utils.data import DataLoader, IterableDataset
+from webdataset import filters
+from webdataset.gopen import gopen
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from . import images
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
+
+
+@dataclass
+class Sample:
+    key: str
+    shard: str               # the shard's url or path, as given (after brace expansion)
+    dataset: str
+    image: np.ndarray        # (64, 64, 3) uint8
+    label: int | None = None
+    label_name: str | None = None
+    split: str | None = None
+
+
+@dataclass
+class Skip:
+    shard: str
+    key: str | None
+    reason: str              # short counter key: corrupt_image, truncated_tar, no_image, ...
+    detail: str = ""
+
+
+@dataclass
+class Batch:
+    samples: list[Sample] = field(default_factory=list)
+    skips: list[Skip] = field(default_factory=list)
+    shards_done: list[str] = field(default_factory=list)
+
+    def images(self) -> np.ndarray:
+        """(N, 64, 64, 3) uint8."""
+        if not self.samples:
+            return np.zeros((0, images.SIZE, images.SIZE, 3), np.uint8)
+        return np.stack([s.image for s in self.samples])
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+def expand(patterns: Iterable[str]) -> list[str]:
+    """Paths, brace patterns and `pipe:` commands -> a list of shard urls. Missing local files
+    are an error up front, not a skip in the middle of a run."""
+    urls: list[str] = []
+    for pattern in patterns:
+        for url in braceexpand(str(pattern)):
+            if not url.startswith("pipe:") and not Path(url).is_file():
+                raise FileNotFoundError(f"shard not found: {url}")
+            if url not in urls:
+                urls.append(url)
+    if not urls:
+        raise ValueError("no shards given")
+    return urls
+
+
+def fingerprint(url: str) -> str:
+    """Identity of a shard's content for resume: size and mtime for files; the command for pipes."""
+    if url.startswith("pipe:"):
+        return "pipe"
+    st = os.stat(url)
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+@dataclass(frozen=True)
+class FolderInfo:
+    dataset: str
+    label_names: dict[int, str]
+
+
+@lru_cache(maxsize=256)
+def folder_info(url: str, dataset: str | None = None) -> FolderInfo:
+    """Dataset name (manifest.json `name`, else `dataset`, else the folder's name) and label
+    names (labels.tsv: id, wnid, label) of the folder a shard lives in."""
+    folder = Path(url.removeprefix("pipe:").split()[-1] if url.startswith("pipe:") else url).parent
+    name = dataset
+    manifest = folder / "manifest.json"
+    if name is None and manifest.is_file():
+        try:
+            name = json.loads(manifest.read_text()).get("name")
+        except (OSError, ValueError):
+            log.warning("unreadable manifest %s", manifest)
+    labels: dict[int, str] = {}
+    tsv = folder / "labels.tsv"
+    if tsv.is_file():
+        for line in tsv.read_text().splitlines()[1:]:
+            parts = line.split("\t")
+            if len(parts) >= 3 and parts[0].isdigit():
+                labels[int(parts[0])] = parts[2]
+    return FolderInfo(dataset=name or folder.name or "default", label_names=labels)
+
+
+def _reason(exn: Exception) -> str:
+    if isinstance(exn, tarfile.ReadError) or "unexpected end" in str(exn).lower():
+        return "truncated_tar"
+    if isinstance(exn, (FileNotFoundError, PermissionError)):
+        return "unreadable_shard"
+    if isinstance(exn, tarfile.TarError):
+        return "corrupt_tar"
+    return "read_error"
+
+
+def read_shard(url: str) -> Iterator[dict | Skip]:
+    """Raw webdataset samples of one shard (dicts of bytes), and Skips for what failed to read."""
+    errors: list[Exception] = []
+
+    def handler(exn: Exception) -> bool:
+        errors.append(exn)
+        return True
+
+    truncated = {"seen": False}
+
+    def drain() -> Iterator[Skip]:
+        while errors:
+            exn = errors.pop(0)
+            reason = _reason(exn)
+            if reason == "truncated_tar":  # webdataset reports one cut twice (member, then tar)
+                if truncated["seen"]:
+                    continue
+                truncated["seen"] = True
+            yield Skip(url, None, reason, str(exn.args[0] if exn.args else exn)[:200])
+
+    try:
+        stream = gopen(url)
+    except Exception as exn:  # noqa: BLE001 - reported as a counted skip, the run goes on
+        yield Skip(url, None, _reason(exn), str(exn)[:200])
+        return
+    try:
+        files = tar_file_expander([dict(url=url, stream=stream)], handler=handler)
+        for raw in group_by_keys(files, handler=handler):
+            yield from drain()
+            yield raw
+        yield from drain()
+    finally:
+        stream.close()
+
+
+def decode_sample(raw: dict, url: str, info: FolderInfo) -> Sample | Skip:
+    key = raw.get("__key__", "?")
+    ext = next((e for e in IMAGE_EXTS if e in raw), None)
+    if ext is None:
+        return Skip(url, key, "no_image", f"members: {sorted(k for k in raw if not k.startswith('__'))}")
+    try:
+        image = images.decode(raw[ext])
+    except images.BadImage as e:
+        return Skip(url, key, e.reason, e.detail)
+    meta: dict = {}
+    if "json" in raw:
+        try:
+            meta = json.loads(raw["json"])
+        except ValueError:
+            meta = {}
+    label = None
+    if "cls" in raw:
+        try:
+            label = int(raw["cls"].decode().strip())
+        except (ValueError, UnicodeDecodeError):
+            label = None
+    label_name = meta.get("label") or (info.label_names.get(label) if label is not None else None)
+    return Sample(key=key, shard=url, dataset=info.dataset, image=image, label=label,
+                  label_name=label_name, split=meta.get("split"))
+
+
+class ShardStream(IterableDataset):
+    """Batches from shards. Each worker takes every k-th shard; with `repeat`, shards are
+    reshuffled and read again forever (training)."""
+
+    def __init__(self, urls: list[str], batch_size: int, *, dataset: str | None = None,
+                 shuffle_buffer: int = 0, repeat: bool = False, seed: int = 0):
+        self.urls = list(urls)
+        self.batch_size = batch_size
+        self.dataset = dataset
+        self.shuffle_buffer = shuffle_buffer
+        self.repeat = repeat
+        self.seed = seed
+
+    def _my_shards(self, epoch: int) -> list[str]:
+        wi = torch.utils.data.get_worker_info()
+        wid, n = (wi.id, wi.num_workers) if wi else (0, 1)
+        urls = list(self.urls)
+        if self.repeat:
+            random.Random(self.seed + epoch).shuffle(urls)
+        if n > 1 and len(urls) < n and self.repeat:
+            urls = urls * n  # few shards, many workers: everyone reads all, in its own order
+            random.Random(self.seed + 1000 * wid + epoch).shuffle(urls)
+            return urls[wid::n]
+        return urls[wid::n]
+
+    def _items(self) -> Iterator[Sample | Skip | str]:
+        """Samples and skips; a bare string is the url of a shard that just ended."""
+        epoch = 0
+        while True:
+            good = 0
+            for url in self._my_shards(epoch):
+                info = folder_info(url, self.dataset)
+                for raw in read_shard(url):
+                    item = raw if isinstance(raw, Skip) else decode_sample(raw, url, info)
+                    good += isinstance(item, Sample)
+                    yield item
+                yield url
+            epoch += 1
+            if not self.repeat:
+                return
+            if not good:  # repeating a stream with nothing readable would spin forever
+                raise RuntimeError(f"no readable samples in {self._my_shards(epoch)}")
+
+    def __iter__(self) -> Iterator[Batch]:
+        items: Iterable = self._items()
+        if self.shuffle_buffer:
+            wi = torch.utils.data.get_worker_info()
+            rng = random.Random(self.seed + (wi.id if wi else 0))
+            items = filters.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer // 2,
+                                    rng=rng)(items)
+        batch = Batch()
+        for item in items:
+            if isinstance(item, Sample):
+                batch.samples.append(item)
+            elif isinstance(item, Skip):
+                batch.skips.append(item)
+            else:
+                batch.shards_done.append(item)
+            if len(batch.samples) >= self.batch_size:
+                yield batch
+                batch = Batch()
+        if batch.samples or batch.skips or batch.shards_done:
+            yield batch
+
+
+def loader(urls: list[str], batch_size: int, workers: int = 1, **kw) -> DataLoader:
+    """A DataLoader over ShardStream (batches are formed in the workers)."""
+    workers = max(0, min(workers, len(urls))) if not kw.get("repeat") else max(0, workers)
+    return DataLoader(ShardStream(urls, batch_size, **kw), batch_size=None, num_workers=workers,
+                      persistent_workers=False, prefetch_factor=4 if workers else None)

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Creates .venv (if missing) and installs phisearch into it, editable, with its test tools.
+# torch: a CPU host gets the CPU build (torch==2.13.0, see docs); a GPU host that installed its
+# CUDA torch into .venv first keeps it, because the project only asks for torch>=2.3.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  .venv/bin/pip install -q torch==2.13.0
+fi
+.venv/bin/pip install -q -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -c "import torch, qdrant_edge, phisearch.indexer.unet" >/dev/null

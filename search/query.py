@@ -1,0 +1,105 @@
+"""Nearest neighbours by image, key, id or vector, and explanations of a match.
+
+An uploaded image goes through the collection's own preprocessing, checkpoint and φ settings
+(read from the collection's metadata), never the CLI defaults, so a store built long ago stays
+searchable after a default changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from phisearch.indexer import images
+from phisearch.indexer.embedder import Embedder
+from phisearch.indexer.store import Hit, Store
+
+HIT_KEYS = ("key", "label", "label_name", "cluster_id", "dataset", "shard")
+
+
+class NotFound(LookupError):
+    pass
+
+
+def require_meta(store: Store, where: str) -> dict:
+    meta = store.meta()
+    if meta is None:
+        raise NotFound(f"no collection in {where}: run `idx build --data ...` first")
+    return meta
+
+
+def hit_json(h: Hit) -> dict:
+    """The CONTRACT's hit shape: id, key, label, label_name, distance, cluster_id (+ a few)."""
+    out = {"id": h.id, "distance": round(float(h.score), 6)}
+    out.update({k: h.payload.get(k) for k in HIT_KEYS})
+    return out
+
+
+@dataclass
+class Target:
+    """What a query searches from: a dense vector and the middle-block means (for --explain)."""
+
+    vector: np.ndarray
+    mid: np.ndarray
+    id: str | None = None
+    key: str | None = None
+
+
+def target_from_image(data: bytes, embedder: Embedder) -> Target:
+    img = images.decode(data)  # raises images.BadImage with a reason
+    dense, mid = embedder(img[None])
+    return Target(dense[0], mid[0])
+
+
+def target_from_hit(h: Hit, sparse_dim: int) -> Target:
+    mid = np.zeros(sparse_dim, np.float32)
+    if h.sparse is not None:
+        idx, vals = h.sparse
+        mid[np.asarray(idx, int)] = vals
+    return Target(np.asarray(h.vector, np.float32), mid, h.id, h.payload.get("key"))
+
+
+def target_from_id(store: Store, point_id: str, sparse_dim: int) -> Target:
+    hits = store.retrieve([point_id], with_vectors=True)
+    if not hits:
+        raise NotFound(f"no point with id {point_id}")
+    return target_from_hit(hits[0], sparse_dim)
+
+
+def target_from_key(store: Store, key: str, sparse_dim: int, dataset: str | None = None
+                    ) -> Target:
+    flt = {"key": key} if dataset is None else {"key": key, "dataset": dataset}
+    found = list(store.scroll(flt, with_vectors=True, batch=4))
+    if not found:
+        raise NotFound(f'no point with key "{key}"')
+    if len(found) > 1:
+        sets = sorted({h.payload.get("dataset") for h in found})
+        raise NotFound(f'key "{key}" is in several datasets {sets}: pass --dataset')
+    return target_from_hit(found[0], sparse_dim)
+
+
+def search(store: Store, target: Target, k: int = 10, filter: dict | None = None,
+           max_distance: float | None = None) -> list[Hit]:
+    hits = store.search(target.vector, limit=k, filter=filter)
+    if max_distance is not None:
+        hits = [h for h in hits if h.score <= max_distance]
+    return hits
+
+
+def explain(a: np.ndarray, b: np.ndarray, top: int = 8) -> dict:
+    """Which middle-block channels drive the distance between two φ, and which they share.
+    a, b: (C,) non-negative channel means. Contributions are (a_c - b_c)², as a share of ||a-b||²."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    d2 = (a - b) ** 2
+    total = d2.sum()
+    order = np.argsort(-d2)[:top]
+    shared_idx = np.flatnonzero((a > 0) & (b > 0))
+    shared = shared_idx[np.argsort(-np.minimum(a, b)[shared_idx])][:top]
+    return {
+        "distance": float(np.sqrt(total)),
+        "drivers": [{"channel": int(c), "a": float(a[c]), "b": float(b[c]),
+                     "share": float(d2[c] / total) if total else 0.0} for c in order],
+        "shared": [{"channel": int(c), "a": float(a[c]), "b": float(b[c])} for c in shared],
+        "active": {"a": int((a > 0).sum()), "b": int((b > 0).sum()), "both": int(len(shared_idx))},
+    }

@@ -1,0 +1,215 @@
+"""idx build / status / query end to end on a real Edge store (and a server when QDRANT_URL is set)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+
+from phisearch.indexer import checkpoint as ckpt
+from phisearch.indexer.config import PhiConfig
+from phisearch.indexer.embedder import Embedder
+from phisearch.indexer.pipeline import BuildConfig, build, status
+from phisearch.indexer.shards import read_shard
+from phisearch.indexer.store import MetaMismatch, StoreConfig, open_store, point_id
+
+IDX = [sys.executable, "-m", "phisearch.ui"]
+
+BACKENDS = ["edge"] + (["server"] if os.environ.get("QDRANT_URL") else [])
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    ckpt.save(ckpt.untrained("tiny", seed=1).model, path, {"note": "test"}, preset_name="tiny")
+    return str(path)
+
+
+@pytest.fixture(params=BACKENDS)
+def store_cfg(request, tmp_path):
+    if request.param == "server":
+        cfg = StoreConfig(url=os.environ["QDRANT_URL"], api_key=os.environ.get("QDRANT_API_KEY"),
+                          collection=f"test_{uuid.uuid4().hex[:8]}")
+    else:
+        cfg = StoreConfig(path=str(tmp_path / "store"), collection="phisearch")
+    yield cfg
+    if request.param == "server":
+        from qdrant_client import QdrantClient
+
+        client = QdrantClient(url=cfg.url, api_key=cfg.api_key)
+        for name in (cfg.collection, f"{cfg.collection}__phisearch_meta"):
+            if client.collection_exists(name):
+                client.delete_collection(name)
+
+
+def split_shard(src: str, folder: Path, parts: int) -> list[str]:
+    """Re-shard the mini shard into `parts` shards in `folder` (same keys, same bytes)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    raws = [r for r in read_shard(src) if isinstance(r, dict)]
+    urls = []
+    per = -(-len(raws) // parts)
+    for i in range(parts):
+        url = str(folder / f"part-{i:06d}.tar")
+        with wds.TarWriter(url) as w:
+            for r in raws[i * per:(i + 1) * per]:
+                w.write({k: v for k, v in r.items() if k == "__key__" or not k.startswith("__")})
+        urls.append(url)
+    return urls
+
+
+def run_build(cfg: StoreConfig, data: list[str], ckpt_path: str, **kw) -> dict:
+    return build(BuildConfig(data=tuple(data), store=cfg, checkpoint=ckpt_path,
+                             phi=kw.pop("phi", PhiConfig(sigma=0.2, draws=2, seed=0)),
+                             batch_size=kw.pop("batch_size", 32), workers=kw.pop("workers", 0),
+                             device="cpu", **kw))
+
+
+def test_build_mini_then_query_and_rebuild(store_cfg, mini_shard, tiny_ckpt):
+    summary = run_build(store_cfg, [mini_shard], tiny_ckpt)
+    assert summary["indexed"] == 100 and summary["points"] == 100 and summary["skipped"] == {}
+    with open_store(store_cfg) as st:
+        assert st.count() == 100
+        assert st.count({"label": 3}) == 10
+        # an image's own φ finds itself at distance 0; the sparse vector = the non-zero channels
+        raws = [r for r in read_shard(mini_shard) if isinstance(r, dict)][:3]
+        from phisearch.indexer import images
+
+        emb = Embedder.from_meta(st.meta(), "cpu")
+        assert emb.meta()["model_sha256"] == st.meta()["model_sha256"]
+        for raw in raws:
+            dense, mid = emb(images.decode(raw["jpg"])[None])
+            hits = st.search(dense[0], limit=3)
+            assert hits[0].payload["key"] == raw["__key__"]
+            assert hits[0].score < 1e-3
+            stored = st.retrieve([hits[0].id], with_vectors=True)[0]
+            idx, vals = stored.sparse
+            assert sorted(idx) == np.flatnonzero(mid[0] > 0).tolist()
+            np.testing.assert_allclose(np.asarray(vals)[np.argsort(idx)],
+                                       mid[0][mid[0] > 0], rtol=1e-5)
+            p = stored.payload
+            assert p["active_channels"] == len(idx)
+            assert p["dataset"] == "imagenette-64" and p["split"] == "test"
+            assert p["label_name"] and isinstance(p["label"], int) and p["thumb"]
+            assert stored.id == point_id("imagenette-64", raw["__key__"])
+    again = run_build(store_cfg, [mini_shard], tiny_ckpt)
+    assert again["indexed"] == 0 and again["shards_already_done"] == 1
+    assert again["points"] == 100
+    st = status(store_cfg)
+    assert st["points"] == 100 and st["shards_done"] == 1 and st["shards_pending"] == 0
+    assert st["sigma"] == 0.2 and st["draws"] == 2
+
+
+def test_mismatched_settings_are_refused(store_cfg, mini_shard, tiny_ckpt, tmp_path):
+    run_build(store_cfg, [mini_shard], tiny_ckpt)
+    with pytest.raises(MetaMismatch, match="sigma"):
+        run_build(store_cfg, [mini_shard], tiny_ckpt, phi=PhiConfig(sigma=0.4, draws=2))
+    other = tmp_path / "other.safetensors"
+    ckpt.save(ckpt.untrained("tiny", seed=2).model, other, preset_name="tiny")
+    with pytest.raises(MetaMismatch, match="model_sha256"):
+        run_build(store_cfg, [mini_shard], str(other))
+    with open_store(store_cfg) as st:
+        assert st.count() == 100
+
+
+def test_bad_inputs_are_counted_and_good_ones_indexed(store_cfg, mini_shard, tiny_ckpt, tmp_path):
+    from fixtures import write_bad_shard, write_truncated_tar
+
+    bad = tmp_path / "bad" / "bad-000000.tar"
+    bad.parent.mkdir()
+    expected = write_bad_shard(bad, mini_shard)
+    trunc = tmp_path / "bad" / "trunc-000000.tar"
+    n_trunc = write_truncated_tar(trunc, mini_shard, 10)
+    summary = run_build(store_cfg, [str(bad), str(trunc)], tiny_ckpt, dataset="badset")
+    good = expected.pop("good")
+    assert summary["indexed"] >= good + n_trunc - 1
+    for reason, n in expected.items():
+        assert summary["skipped"].get(reason) == n, (reason, summary["skipped"])
+    assert summary["skipped"].get("truncated_tar") == 1
+    listed = {(s["reason"]) for s in summary["skipped_samples"]}
+    assert set(expected) <= listed
+    assert summary["points"] == summary["indexed"]
+
+
+@pytest.mark.parametrize("store_cfg", ["edge"], indirect=True)
+def test_sigkill_midway_then_resume(store_cfg, mini_shard, tiny_ckpt, tmp_path):
+    urls = split_shard(mini_shard, tmp_path / "parts", 10)
+    records = Path(store_cfg.path) / store_cfg.collection / "docs" / "shards.json"
+    env = dict(os.environ, PHISEARCH_NO_PROGRESS="1")
+    cmd = IDX + ["build", "--data", str(tmp_path / "parts" / "part-{000000..000009}.tar"),
+                 "--store", store_cfg.path, "--checkpoint", tiny_ckpt, "--draws", "20",
+                 "--batch-size", "2", "--workers", "0", "--device", "cpu"]
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE)
+    done_at_kill = 0
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if records.exists():
+            try:
+                done_at_kill = len(json.loads(records.read_text()))
+            except ValueError:
+                done_at_kill = 0
+            if done_at_kill >= 2:
+                proc.send_signal(signal.SIGKILL)
+                break
+        time.sleep(0.02)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    assert 2 <= done_at_kill < 10
+    out = subprocess.run(cmd + ["--json"], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    summary = json.loads(out.stdout)
+    assert summary["shards_already_done"] >= done_at_kill
+    assert summary["points"] == 100
+    with open_store(store_cfg) as st:
+        keys = [h.payload["key"] for h in st.scroll()]
+    assert len(keys) == len(set(keys)) == 100
+    assert urls  # the parts exist
+
+
+@pytest.mark.parametrize("store_cfg", ["edge"], indirect=True)
+def test_cli_build_status_query_json(store_cfg, mini_shard, tiny_ckpt, tmp_path):
+    env = dict(os.environ, PHISEARCH_NO_PROGRESS="1")
+    base = ["--store", store_cfg.path]
+    r = subprocess.run(IDX + ["build", "--data", mini_shard, "--checkpoint", tiny_ckpt,
+                              "--draws", "2", "--json"] + base,
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    b = json.loads(r.stdout)
+    assert {"indexed", "skipped", "seconds", "img_per_s", "stages"} <= set(b)
+    r = subprocess.run(IDX + ["status", "--json"] + base, env=env, capture_output=True, text=True)
+    s = json.loads(r.stdout)
+    for key in ("points", "shards_done", "shards_pending", "skipped", "model_sha256", "sigma",
+                "draws", "seed", "schema_version"):
+        assert key in s
+    assert s["points"] == 100 and isinstance(s["shards_done"], int)
+    key = next(x["__key__"] for x in read_shard(mini_shard) if isinstance(x, dict))
+    r = subprocess.run(IDX + ["query", "--key", key, "-k", "5", "--label", "0", "--json"] + base,
+                       env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    hits = json.loads(r.stdout)["hits"]
+    assert len(hits) == 5 and all(h["label"] == 0 for h in hits)
+    assert set(hits[0]) >= {"id", "key", "label", "label_name", "distance", "cluster_id"}
+    img = tmp_path / "q.jpg"
+    raw = next(x for x in read_shard(mini_shard) if isinstance(x, dict))
+    img.write_bytes(raw["jpg"])
+    r = subprocess.run(IDX + ["query", str(img), "-k", "3", "--json", "--explain"] + base,
+                       env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    hits = json.loads(r.stdout)["hits"]
+    assert hits[0]["key"] == raw["__key__"] and hits[0]["distance"] < 1e-3
+    assert "drivers" in hits[0]["explain"]
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("not an image")
+    r = subprocess.run(IDX + ["query", str(bad)] + base, env=env, capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
+    r = subprocess.run(IDX + ["status", "--store", str(tmp_path / "empty")], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "no collection" in r.stderr

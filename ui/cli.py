@@ -1,0 +1,63 @@
+"""The `idx` command, assembled at the top from each layer's commands (ui -> search -> indexer)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from phisearch.indexer import cli as indexer_cli
+from phisearch.indexer.cli_common import DEBUG, UserError, setup_logging
+
+app = typer.Typer(
+    name="idx", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    help="phisearch: semantic image search on the sparse code of a diffusion denoiser.")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"phisearch {version('phisearch')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    DEBUG["on"] = debug
+    setup_logging(verbose or debug)
+
+
+indexer_cli.register(app)
+try:  # the read side and the UI register themselves when present
+    from phisearch.search import cli as search_cli
+
+    search_cli.register(app)
+except ImportError:  # pragma: no cover - only while the search layer is being written
+    pass
+try:
+    from phisearch.ui import commands as ui_commands
+
+    ui_commands.register(app)
+except ImportError:  # pragma: no cover
+    pass
+
+
+def main() -> None:
+    """Entry point: usage errors exit 2 (Typer's own handling); other errors print one line and
+    exit 1 (a traceback only with --debug)."""
+    try:
+        app()
+    except Exception as e:  # noqa: BLE001 - the one place errors become exit codes
+        if DEBUG["on"]:
+            raise
+        kind = "" if isinstance(e, (UserError, FileNotFoundError, ValueError)) else \
+            f"{type(e).__name__}: "
+        typer.echo(f"error: {kind}{e}", err=True)
+        sys.exit(1)

@@ -1,0 +1,369 @@
+"""The read side's commands: query (and eval). Heavy imports inside the commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from phisearch.indexer.cli_common import (
+    ApiKeyOpt,
+    CheckpointOpt,
+    CollectionOpt,
+    DeviceOpt,
+    JsonOpt,
+    StoreOpt,
+    UrlOpt,
+    UserError,
+    emit_json,
+    store_config,
+    where,
+)
+
+
+def query(
+    image: Annotated[Path | None, typer.Argument(help="An image file to search with.")] = None,
+    key: Annotated[str | None, typer.Option("--key", help="Search from an indexed sample.")] = None,
+    point_id: Annotated[str | None, typer.Option("--id", help="Search from a point id.")] = None,
+    k: Annotated[int, typer.Option("-k", "--limit", min=1, max=1000)] = 10,
+    label: Annotated[int | None, typer.Option("--label", help="Only hits with this label.")] = None,
+    cluster: Annotated[int | None, typer.Option("--cluster", help="Only this cluster.")] = None,
+    dataset: Annotated[str | None, typer.Option("--dataset")] = None,
+    explain: Annotated[bool, typer.Option("--explain", help="Channels behind each match.")] = False,
+    store: StoreOpt = None,
+    qdrant_url: UrlOpt = None,
+    api_key: ApiKeyOpt = None,
+    collection: CollectionOpt = "phisearch",
+    device: DeviceOpt = "cpu",
+    json_out: JsonOpt = False,
+) -> None:
+    """Top-k nearest images by φ distance (Euclidean), from an image file, a key or an id.
+
+    Example: idx query photo.jpg -k 5 --json
+    """
+    from phisearch.indexer import images
+    from phisearch.indexer.embedder import Embedder
+    from phisearch.indexer.store import open_store
+
+    from . import query as q
+
+    if sum(x is not None for x in (image, key, point_id)) != 1:
+        raise typer.BadParameter("give exactly one of IMAGE, --key, --id")
+    scfg = store_config(store, qdrant_url, api_key, collection)
+    flt = {k_: v for k_, v in (("label", label), ("cluster_id", cluster), ("dataset", dataset))
+           if v is not None}
+    with open_store(scfg) as st:
+        meta = q.require_meta(st, where(scfg))
+        try:
+            if image is not None:
+                if not image.is_file():
+                    raise UserError(f"no such image file: {image}")
+                target = q.target_from_image(image.read_bytes(), Embedder.from_meta(meta, device))
+            elif key is not None:
+                target = q.target_from_key(st, key, meta["sparse_dim"], dataset)
+            else:
+                target = q.target_from_id(st, point_id, meta["sparse_dim"])
+        except images.BadImage as e:
+            raise UserError(f"{image}: {e}") from None
+        except q.NotFound as e:
+            raise UserError(str(e)) from None
+        hits = q.search(st, target, k, flt or None)
+        rows = [q.hit_json(h) for h in hits]
+        if explain and hits:
+            full = {h.id: h for h in st.retrieve([h.id for h in hits], with_vectors=True)}
+            for row in rows:
+                other = q.target_from_hit(full[row["id"]], meta["sparse_dim"])
+                row["explain"] = q.explain(target.mid, other.mid)
+    if json_out:
+        emit_json({"hits": rows, "query": {"image": str(image) if image else None, "key": key,
+                                           "id": point_id}})
+        return
+    if not rows:
+        typer.echo("no hits")
+    for i, r in enumerate(rows, 1):
+        typer.echo(f"{i:3d}  {r['distance']:9.4f}  {r['key']}  label={r['label']} "
+                   f"({r['label_name']})  cluster={r['cluster_id']}")
+        if explain:
+            ex = r["explain"]
+            drivers = ", ".join(f"c{d['channel']} {d['share']:.0%}" for d in ex["drivers"][:4])
+            shared = ", ".join(f"c{d['channel']}" for d in ex["shared"][:6])
+            typer.echo(f"       drivers: {drivers}; shared: {shared}")
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        return [float(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise typer.BadParameter(f"a comma-separated list of numbers, got {text!r}",
+                                 param_hint=what) from None
+
+
+def eval_cmd(
+    queries: Annotated[list[str], typer.Option(
+        "--queries", help="Query shards (held-out split); path or brace pattern, repeatable.")],
+    gallery: Annotated[list[str], typer.Option(
+        "--gallery", help="Gallery shards (training split); also where unstored whitenings are "
+        "fitted. Repeatable.")],
+    checkpoint: Annotated[str | None, typer.Option(
+        "--checkpoint", help="A .safetensors file or a built-in name.")] = None,
+    readout: Annotated[str | None, typer.Option(
+        "--readout", help="Readout of `phi`: mid | blocks | mid+white64 | blocks+white64 ... "
+        "(default: the checkpoint's, else mid).")] = None,
+    readouts: Annotated[str, typer.Option(
+        "--readouts", help="Readouts compared for the trained and the untrained network "
+        "(comma-separated).")] = "mid,blocks,mid+white64,blocks+white64",
+    limit_queries: Annotated[int | None, typer.Option("--limit-queries", min=1)] = None,
+    limit_gallery: Annotated[int | None, typer.Option("--limit-gallery", min=1)] = None,
+    sigma: Annotated[float | None, typer.Option(
+        "--sigma", min=0, help="σ of `phi` (default: the checkpoint's, else 0.2).")] = None,
+    phi_draws: Annotated[int | None, typer.Option(
+        "--phi-draws", min=1, help="Draws of `phi` (default: the checkpoint's, else 4).")] = None,
+    sigmas: Annotated[str, typer.Option(
+        "--sigmas", help="Extra σ settings, comma-separated ('' for none).")] = "0.1,0.2,0.4",
+    draws: Annotated[str, typer.Option(
+        "--draws", help="Extra draws settings, crossed with --sigmas.")] = "1,4",
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
+    device: DeviceOpt = "auto",
+    cache: Annotated[Path | None, typer.Option(
+        "--cache", help="Folder to keep and reuse each pass's vectors (keyed by model, images, "
+        "σ, draws, seed, device).")] = None,
+    json_out: JsonOpt = False,
+    out: Annotated[Path | None, typer.Option("--out", help="Also write the JSON here.")] = None,
+    markdown: Annotated[Path | None, typer.Option(
+        "--markdown", help="Also write the markdown table here.")] = None,
+) -> None:
+    """Retrieval (kNN, p@10, mAP) and clustering (NMI, ARI, purity) of φ beside its baselines:
+    raw and 16x16 pixels, the same network untrained, the paper's readout, σ = 0 and other
+    (σ, draws). Vectors are computed from the shards; no index is needed.
+
+    Example: idx eval --queries imagenette-test-000000.tar
+    --gallery 'imagenette-train-{000000..000004}.tar' --json
+    """
+    import json
+
+    from phisearch.indexer.cli_common import progress
+    from phisearch.indexer.train import pick_device
+
+    from . import evaluate as ev
+
+    extra = tuple((s, int(d)) for s in _floats(sigmas, "--sigmas")
+                  for d in _floats(draws, "--draws"))
+    if any(d < 1 for _, d in extra) or any(s < 0 for s, _ in extra):
+        raise typer.BadParameter("σ must be >= 0 and draws >= 1", param_hint="--sigmas/--draws")
+    settings = ev.EvalSettings(
+        sigma=sigma, draws=phi_draws, seed=seed, extra=extra,
+        readouts=tuple(r for r in readouts.replace(" ", "").split(",") if r),
+        limit_queries=limit_queries, limit_gallery=limit_gallery, batch_size=batch_size,
+        device=str(pick_device(device)), cache_dir=str(cache) if cache else None)
+    bars: dict = {}
+
+    def on_progress(stage: str, done: int, total: int) -> None:
+        bar = bars.get("bar")
+        if bars.get("stage") != stage:
+            if bar is not None:
+                bar.close()
+            bar = bars["bar"] = progress(total=total, desc=stage,
+                                         unit="step" if stage == "score" else "img")
+            bars["stage"] = stage
+        bar.n = done
+        bar.refresh()
+
+    try:
+        result = ev.evaluate(checkpoint, list(queries), list(gallery), readout, settings,
+                             on_progress)
+    finally:
+        if bars.get("bar") is not None:
+            bars["bar"].close()
+    table = ev.markdown(result)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1) + "\n")
+    if markdown is not None:
+        markdown.parent.mkdir(parents=True, exist_ok=True)
+        markdown.write_text(table)
+    if json_out:
+        emit_json(result)
+    else:
+        typer.echo(table)
+
+
+def reconstruct(
+    out: Annotated[Path, typer.Option("--out", help="Where to write the PNG grid.")],
+    image: Annotated[Path | None, typer.Option(
+        "--image", help="Target image file (σ-matched mode; needs no store).")] = None,
+    point_id: Annotated[str | None, typer.Option("--id", help="Target: a stored point.")] = None,
+    key: Annotated[str | None, typer.Option("--key", help="Target: a stored sample key.")] = None,
+    cluster: Annotated[int | None, typer.Option(
+        "--cluster", help="Target: a cluster centroid (after idx cluster).")] = None,
+    vector: Annotated[Path | None, typer.Option(
+        "--vector", help="Target: a .npy of middle-block means, shape (C,).")] = None,
+    n: Annotated[int, typer.Option("-n", "--samples", min=1, max=64,
+                                   help="Samples to draw.")] = 8,
+    schedule: Annotated[str, typer.Option(
+        "--schedule", help="Preset: fast | paper | adaptive (Algorithm B).")] = "fast",
+    levels: Annotated[int | None, typer.Option("--levels", min=1,
+                                               help="Override: noise levels.")] = None,
+    steps: Annotated[int | None, typer.Option(
+        "--steps", min=0, help="Override: Adam steps per level (0 = unguided).")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Override: Adam step size.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Same seed, same samples.")] = 0,
+    dataset: Annotated[str | None, typer.Option("--dataset", help="With --key.")] = None,
+    checkpoint: CheckpointOpt = None,
+    store: StoreOpt = None,
+    qdrant_url: UrlOpt = None,
+    api_key: ApiKeyOpt = None,
+    collection: CollectionOpt = "phisearch",
+    device: DeviceOpt = "auto",
+    json_out: JsonOpt = False,
+) -> None:
+    """Draw images whose φ matches a target (SPEC §4): what the samples share is what φ encodes.
+
+    --image and --vector use --checkpoint (default: the shipped model) and need no store;
+    --id, --key and --cluster read the collection and use its model and φ settings.
+
+    Example: idx reconstruct --image photo.jpg -n 8 --out grid.png --json
+    """
+    import numpy as np
+    from phisearch.indexer import images
+    from phisearch.indexer.cli_common import progress
+    from phisearch.indexer.embedder import Embedder
+
+    from . import query as q
+    from . import reconstruct as rc
+
+    given = [x is not None for x in (image, point_id, key, cluster, vector)]
+    if sum(given) != 1:
+        raise typer.BadParameter("give exactly one of --image, --id, --key, --cluster, --vector")
+    try:
+        sch = rc.schedule(schedule, levels=levels, inner_steps=steps, lr=lr)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--schedule") from None
+    if out.suffix.lower() != ".png":
+        raise typer.BadParameter(f"{out}: the grid is written as PNG", param_hint="--out")
+
+    first: np.ndarray | None = None   # the target image shown first in the grid, when known
+    target_images = target = None
+    if image is not None or vector is not None:
+        emb = Embedder.create(checkpoint, device=device)
+        if image is not None:
+            if not image.is_file():
+                raise UserError(f"no such image file: {image}")
+            try:
+                first = images.decode(image.read_bytes())
+            except images.BadImage as e:
+                raise UserError(f"{image}: {e}") from None
+            target_images = first[None]
+        else:
+            if not vector.is_file():
+                raise UserError(f"no such file: {vector}")
+            try:
+                target = rc.load_vector(vector, emb.checkpoint.model.mid_channels)
+            except ValueError as e:
+                raise UserError(str(e)) from None
+    else:
+        from phisearch.indexer.store import open_store
+
+        scfg = store_config(store, qdrant_url, api_key, collection)
+        with open_store(scfg) as st:
+            meta = q.require_meta(st, where(scfg))
+            try:
+                if cluster is not None:
+                    target = rc.cluster_centroid(st.get_doc("clusters"), cluster)
+                else:
+                    t = (q.target_from_key(st, key, meta["sparse_dim"], dataset) if key is not None
+                         else q.target_from_id(st, point_id, meta["sparse_dim"]))
+                    target = t.mid
+                    hits = st.retrieve([t.id], with_vectors=False)
+                    first = rc.thumb_image(hits[0].payload) if hits else None
+            except (q.NotFound, LookupError) as e:
+                raise UserError(str(e)) from None
+        emb = Embedder.from_meta(meta if checkpoint is None else {**meta,
+                                 "checkpoint": checkpoint}, device)
+        if target.shape != (emb.checkpoint.model.mid_channels,):
+            raise UserError(f"stored vector has {target.shape[0]} channels, the model "
+                            f"{emb.checkpoint.model.mid_channels}")
+    bar = progress(sch.levels, desc="reconstruct", unit="level")
+
+    def on_level(p: dict) -> None:
+        bar.update(1)
+        bar.set_postfix(sigma=f"{p['sigma']:.3f}", loss=f"{p['loss']:.2e}")
+
+    try:
+        rec = rc.reconstruct(emb.checkpoint.model, target, images=target_images, n=n, sch=sch,
+                             seed=seed, phi_config=emb.phi, callback=on_level)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    finally:
+        bar.close()
+    tiles = ([first] if first is not None else []) + list(
+        (rec.samples.permute(0, 2, 3, 1) * 255).round().byte().numpy())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rc.grid(tiles).save(out)
+    result = rc.summary(rec)
+    result.update(out=str(out), checkpoint=emb.checkpoint.name, model_sha256=emb.checkpoint.sha256,
+                  target_shown=first is not None)
+    if json_out:
+        emit_json(result)
+        return
+    errs = ", ".join(f"{e:.3f}" for e in rec.phi_rel_error)
+    typer.echo(f"wrote {out}: {n} samples in {rec.seconds:.1f} s, {rec.steps} guidance steps; "
+               f"relative φ error {errs}")
+
+
+def analyze(
+    data: Annotated[list[str], typer.Option(
+        "--data", help="Shard path or brace pattern, repeatable (the first --images are used).")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the PNGs and report.html.")],
+    checkpoint: CheckpointOpt = None,
+    images: Annotated[int, typer.Option("--images", min=2, help="Images analysed.")] = 512,
+    sigma: Annotated[float, typer.Option(
+        "--sigma", min=0, help="σ of the main pass and σ1 of the stability sweep.")] = 0.2,
+    draws: Annotated[int, typer.Option("--draws", min=1, help="Noisy copies per σ.")] = 1,
+    stability_images: Annotated[int, typer.Option(
+        "--stability-images", min=2, help="Images used by the σ2 sweep.")] = 128,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    json_out: JsonOpt = False,
+) -> None:
+    """The paper's analyses (SPEC §3) on any checkpoint: sparsity per block, stability across
+    noise, channel selectivity, union of subspaces; PNGs plus a self-contained report.html.
+
+    Example: idx analyze --data imagenette-test-000000.tar --images 256 --out docs/analyze
+    """
+    from phisearch.indexer.cli_common import progress
+
+    from . import analyze as an
+
+    cfg = an.AnalyzeConfig(images=images, sigma=sigma, draws=draws, seed=seed,
+                           stability_images=stability_images)
+    bars: dict = {}
+
+    def on_progress(stage: str, done: int, total: int) -> None:
+        if bars.get("stage") != stage:
+            if bars.get("bar") is not None:
+                bars["bar"].close()
+            bars["bar"] = progress(total=total, desc=stage,
+                                   unit="img" if stage == "blocks" else "σ")
+            bars["stage"] = stage
+        bars["bar"].n = done
+        bars["bar"].refresh()
+
+    try:
+        result = an.analyze(checkpoint, list(data), out, cfg, on_progress)
+    finally:
+        if bars.get("bar") is not None:
+            bars["bar"].close()
+    if json_out:
+        emit_json(result)
+        return
+    pm = result["pr_mean"]
+    typer.echo("mean PR in -> out: " + ", ".join(
+        f"{b} {pm[b + '.in']:.2f}->{pm[b + '.out']:.2f}" for b in an.BLOCKS), err=True)
+    typer.echo(f"wrote {', '.join(result['files'])} to {out} in {result['seconds']} s", err=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(query)
+    app.command()(reconstruct)
+    app.command("eval")(eval_cmd)
+    app.command()(analyze)

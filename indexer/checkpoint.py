@@ -129,3 +129,14 @@ def untrained(preset_name: str | UNetConfig, seed: int = 0, device: str = "cpu")
     return Checkpoint(model=model, path=None, sha256=sha,
                       info={"preset": preset_name if isinstance(preset_name, str) else "custom",
                             "init_seed": seed})
+
+
+def ship(src: str | os.PathLike, name: str, dtype: torch.dtype = torch.float16) -> Path:
+    """Copy a trained checkpoint into the package as built-in NAME (fp16 halves its size).
+    The JSON record travels with it; its weights_sha256 becomes that of the fp16 weights."""
+    c = load(src)
+    dst = BUILTIN_DIR / f"{name}.safetensors"
+    info = dict(c.info, shipped_from=str(src), shipped_dtype=str(dtype))
+    save(c.model, dst, info, dtype=dtype, preset_name=c.info.get("preset") or name,
+         extras=c.extras)
+    return dst

@@ -246,6 +246,80 @@ def fit_readout(
     typer.echo(f"stored readout {label} in {checkpoint}", err=True)
 
 
+def cluster(
+    method: Annotated[str, typer.Option(
+        "--method", help="hdbscan (finds the number of clusters, marks noise) | kmeans.")
+    ] = "hdbscan",
+    min_cluster_size: Annotated[int, typer.Option(
+        "--min-cluster-size", min=2, help="HDBSCAN: smallest cluster.")] = 15,
+    min_samples: Annotated[int | None, typer.Option(
+        "--min-samples", min=1, help="HDBSCAN: density smoothing (default: min cluster size).")
+    ] = None,
+    selection: Annotated[str, typer.Option(
+        "--selection", help="HDBSCAN cluster selection: eom (few large) | leaf (many small).")
+    ] = "eom",
+    k: Annotated[int, typer.Option("--k", min=1, help="k-means: number of clusters.")] = 100,
+    preprocess: Annotated[str, typer.Option(
+        "--preprocess", help="raw | l2 | pca: the space clusters are found in.")] = "pca",
+    pca_dims: Annotated[int, typer.Option("--pca-dims", min=1, help="Dimensions kept by pca.")
+                        ] = 32,
+    sample_above: Annotated[int, typer.Option(
+        "--sample-above", min=2, help="Above this many points, fit on a random sample of this "
+        "size and assign the rest.")] = 20000,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    store: StoreOpt = None,
+    qdrant_url: UrlOpt = None,
+    api_key: ApiKeyOpt = None,
+    collection: CollectionOpt = "phisearch",
+    json_out: JsonOpt = False,
+) -> None:
+    """Cluster the stored φ vectors and write cluster_id / cluster_prob to every point (re-running
+    replaces them); the summary (centroids, exemplars, channels) goes to the collection's docs.
+
+    Example: idx cluster --method kmeans --k 50 --json
+    """
+    from .cluster import METHODS, PREPROCESS, SELECTIONS, ClusterConfig
+    from .cluster import cluster as run
+
+    if method not in METHODS:
+        raise typer.BadParameter(f"use {' or '.join(METHODS)}", param_hint="--method")
+    if preprocess not in PREPROCESS:
+        raise typer.BadParameter(f"use {', '.join(PREPROCESS)}", param_hint="--preprocess")
+    if selection not in SELECTIONS:
+        raise typer.BadParameter(f"use {' or '.join(SELECTIONS)}", param_hint="--selection")
+    cfg = ClusterConfig(method=method, min_cluster_size=min_cluster_size,
+                        min_samples=min_samples, selection=selection, k=k,
+                        preprocess=preprocess, pca_dims=pca_dims,
+                        sample_above=sample_above, seed=seed)
+    scfg = store_config(store, qdrant_url, api_key, collection)
+    bars: dict = {}
+
+    def on_progress(stage: str, done: int, total: int) -> None:
+        if bars.get("stage") != stage:
+            if bars.get("bar") is not None:
+                bars["bar"].close()
+            bars["bar"] = progress(total=total, desc=stage,
+                                   unit="img" if stage != "fit" else "pt")
+            bars["stage"] = stage
+        bars["bar"].n = done
+        bars["bar"].refresh()
+
+    try:
+        result = run(scfg, cfg, on_progress)
+    finally:
+        if bars.get("bar") is not None:
+            bars["bar"].close()
+    if json_out:
+        emit_json(result)
+        return
+    typer.echo(f"{result['method']} on {result['points']} points ({result['preprocess']}): "
+               f"{result['clusters']} clusters, {result['noise']} noise, "
+               f"{result['seconds']:.1f} s", err=True)
+    sizes = result["sizes"]
+    if sizes:
+        typer.echo(f"sizes: largest {sizes[:10]}{' ...' if len(sizes) > 10 else ''}", err=True)
+
+
 def register(app: typer.Typer) -> None:
     app.command("fit-readout")(fit_readout)
     app.command()(train)
@@ -253,6 +327,7 @@ def register(app: typer.Typer) -> None:
     app.command()(embed)
     app.command()(build)
     app.command()(status)
+    app.command()(cluster)
 
 
 __all__ = ["register", "UserError"]

@@ -11,3 +11,8 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 .venv/bin/pip install -q -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -c "import torch, qdrant_edge, phisearch.indexer.unet" >/dev/null
+# The browser test of the UI drives Debian's chromium (Playwright's own browser download is never
+# used). Installed only as root and only when missing; otherwise that test skips, saying why.
+if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi

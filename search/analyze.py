@@ -1,0 +1,428 @@
+"""`idx analyze`: the analyses of SPEC §3 on any checkpoint, as small PNGs and one report.html.
+
+- Sparsity per block: participation ratio PR(v) = (Σ_c v_c)² / (C Σ_c v_c²) ∈ [1/C, 1] of the
+  spatially averaged channel vector v ≥ 0 at every block's input and output (1 = every channel
+  equally active, 1/C = one channel).
+- Stability across noise: cosine between ā_k(x; σ1) and ā_k(x; σ2) per block, σ1 fixed, σ2
+  swept; the σ2 passes use another noise seed, so the point σ2 = σ1 shows the noise floor.
+- Channel selectivity: the PR of each middle-block channel across images (low = selective,
+  active for few images; high = common), and the images that most activate the most selective.
+- Union of subspaces: two label groups, their specific channels and the channels they share.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+BLOCKS = ("E1", "E2", "E3", "M", "D3", "D2", "D1")
+TAPS = tuple(f"{b}.{side}" for b in BLOCKS for side in ("in", "out"))
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+@dataclass(frozen=True)
+class AnalyzeConfig:
+    images: int = 512                   # images read from the shards (the first N, in order)
+    sigma: float = 0.2                  # σ of the main pass (and σ1 of the stability sweep)
+    draws: int = 1                      # noisy copies averaged per image and σ
+    seed: int = 0
+    sweep: tuple[float, ...] = (0.0, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8)  # σ2 values
+    stability_images: int = 128         # images used by the σ2 sweep (a pass per σ2)
+    top_channels: int = 4               # selective channels shown with their top images
+    tiles: int = 8                      # images per selective channel
+    min_active: int = 5                 # a channel must be on in this many images to be ranked
+    batch_size: int = 32
+    dpi: int = 80
+
+
+def participation_ratio(v: np.ndarray, axis: int = -1) -> np.ndarray:
+    """(Σv)² / (C Σv²) along `axis`; NaN where v is all zero. Signed vectors (the image at
+    E1.in, the transposed-conv half of the decoder inputs) are taken by magnitude |v|."""
+    v = np.abs(np.asarray(v, np.float64))
+    s1, s2 = v.sum(axis), (v * v).sum(axis)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(s2 > 0, s1 * s1 / (v.shape[axis] * s2), np.nan)
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine similarity of (N, C) arrays (0 where a row is all zero)."""
+    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    return (a * b).sum(1) / np.maximum(na * nb, 1e-12)
+
+
+def load_images(urls: Sequence[str], limit: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """The first `limit` samples: images (N, 64, 64, 3) uint8, labels (N,) int (-1 = none),
+    label names by label."""
+    from phisearch.indexer.shards import expand, loader
+
+    imgs, labels, names = [], [], {}
+    for batch in loader(expand(urls), batch_size=64, workers=0):
+        for s in batch.samples[:limit - len(imgs)]:
+            imgs.append(s.image)
+            labels.append(-1 if s.label is None else int(s.label))
+            if s.label is not None:
+                names[int(s.label)] = s.label_name or str(s.label)
+        if len(imgs) >= limit:
+            break
+    if not imgs:
+        raise ValueError(f"no readable images in {list(urls)}")
+    label_names = [names.get(i, str(i)) for i in range(max(labels) + 1)] if names else []
+    return np.stack(imgs), np.asarray(labels), label_names
+
+
+def embed(model, images: np.ndarray, sigma: float, cfg: AnalyzeConfig, seed: int,
+          taps: Sequence[str], on_batch: Callable[[int], None] | None = None
+          ) -> dict[str, np.ndarray]:
+    """Spatial means of the taps: {tap: (N, C) float32}."""
+    from phisearch.indexer.phi import features
+
+    parts: dict[str, list[np.ndarray]] = {t: [] for t in taps}
+    for i in range(0, len(images), cfg.batch_size):
+        got = features(model, images[i:i + cfg.batch_size], sigma, cfg.draws, seed, tuple(taps))
+        for t in taps:
+            parts[t].append(got[t].numpy())
+        if on_batch:
+            on_batch(min(i + cfg.batch_size, len(images)))
+    return {t: np.concatenate(p) for t, p in parts.items()}
+
+
+@dataclass
+class Analysis:
+    """The numbers behind the figures (arrays are per image or per channel)."""
+
+    pr: dict[str, np.ndarray]           # tap -> (N,) PR per image
+    stability: dict[str, list[float]]   # block -> mean cosine per σ2 (block outputs)
+    channel_pr: np.ndarray              # (C,) PR of each middle-block channel across images
+    active_images: np.ndarray           # (C,) images in which each channel is on
+    mid: np.ndarray                     # (N, C) middle-block means of the main pass
+    selective: list[int]                # the most selective channels (shown)
+    groups: dict                        # union-of-subspaces numbers
+
+
+def compute(model, images: np.ndarray, labels: np.ndarray, cfg: AnalyzeConfig,
+            on_progress: Progress | None = None) -> Analysis:
+    n = len(images)
+
+    def stage(name: str, total: int) -> Callable[[int], None]:
+        return lambda done: on_progress(name, done, total) if on_progress else None
+
+    main = embed(model, images, cfg.sigma, cfg, cfg.seed, TAPS, stage("blocks", n))
+    pr = {t: participation_ratio(main[t]) for t in TAPS}
+    m = min(cfg.stability_images, n)
+    outs = [f"{b}.out" for b in BLOCKS]
+    stability: dict[str, list[float]] = {b: [] for b in BLOCKS}
+    for j, s2 in enumerate(cfg.sweep):
+        other = embed(model, images[:m], s2, cfg, cfg.seed + 1, outs)
+        for b in BLOCKS:
+            stability[b].append(float(cosine(main[f"{b}.out"][:m], other[f"{b}.out"]).mean()))
+        if on_progress:
+            on_progress("sigma sweep", j + 1, len(cfg.sweep))
+    mid = main["M.out"]
+    active = (mid > 0).sum(0)
+    cpr = participation_ratio(mid, axis=0)
+    ranked = [int(c) for c in np.argsort(np.nan_to_num(cpr, nan=2.0), kind="stable")
+              if active[c] >= min(cfg.min_active, n)]
+    return Analysis(pr, stability, cpr, active, mid, ranked[:cfg.top_channels],
+                    union_of_subspaces(mid, labels))
+
+
+def union_of_subspaces(mid: np.ndarray, labels: np.ndarray, per_set: int = 8) -> dict:
+    """The two most frequent labels A, B: channels specific to each (mean in the group minus
+    mean in the other, largest), channels common to both (largest min of the two means), and
+    the share of each group's φ energy Σ φ_c² inside span(own specific ∪ common) vs
+    span(other's specific ∪ common)."""
+    vals, counts = np.unique(labels[labels >= 0], return_counts=True)
+    if len(vals) < 2:
+        return {}
+    a, b = (int(x) for x in vals[np.argsort(-counts, kind="stable")[:2]])
+    ma, mb = mid[labels == a].mean(0), mid[labels == b].mean(0)
+    per_set = max(1, min(per_set, mid.shape[1] // 3))
+    common = np.argsort(-np.minimum(ma, mb), kind="stable")[:per_set]
+    rest = np.setdiff1d(np.arange(mid.shape[1]), common)
+    diff = (ma - mb)[rest]
+    spec_a = rest[np.argsort(-diff, kind="stable")][:per_set]
+    spec_a = spec_a[(ma - mb)[spec_a] > 0]
+    spec_b = rest[np.argsort(diff, kind="stable")][:per_set]
+    spec_b = spec_b[(mb - ma)[spec_b] > 0]
+
+    def share(group: int, chans: np.ndarray) -> float:
+        e = mid[labels == group] ** 2
+        return float((e[:, chans].sum(1) / np.maximum(e.sum(1), 1e-12)).mean())
+
+    own_a, own_b = np.union1d(spec_a, common), np.union1d(spec_b, common)
+    return {"a": a, "b": b, "n_a": int((labels == a).sum()), "n_b": int((labels == b).sum()),
+            "common": common.tolist(), "specific_a": spec_a.tolist(),
+            "specific_b": spec_b.tolist(), "mean_a": ma.tolist(), "mean_b": mb.tolist(),
+            "energy_a_own": share(a, own_a), "energy_a_other": share(a, own_b),
+            "energy_b_own": share(b, own_b), "energy_b_other": share(b, own_a),
+            "channels": mid.shape[1]}
+
+
+# ------------------------------------------------------------------------------------------
+# Figures
+
+
+def _save(fig, path: Path, dpi: int, palette: bool = False) -> Path:
+    """Write the figure as PNG. palette: photos are stored with a 256-colour adaptive palette,
+    which keeps an image grid near a third of its full-colour size."""
+    import matplotlib.pyplot as plt
+
+    if palette:
+        from PIL import Image
+
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+        buf.seek(0)
+        with Image.open(buf) as im:
+            im.convert("RGB").quantize(256).save(path, optimize=True)
+    else:
+        fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def fig_pr(a: Analysis, path: Path, dpi: int) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 4, figsize=(11, 4.8))
+    bins = np.linspace(0, 1, 41)
+    for ax, b in zip(axes.flat, BLOCKS):
+        for side, color in (("in", "tab:gray"), ("out", "tab:red")):
+            v = a.pr[f"{b}.{side}"]
+            v = v[np.isfinite(v)]
+            ax.hist(v, bins=bins, color=color, alpha=0.6,
+                    label=f"{side} (mean {np.mean(v):.2f})" if len(v) else side)
+        ax.set_title(b, fontsize=10)
+        ax.set_xlim(0, 1)
+        ax.legend(fontsize=7, frameon=False)
+        ax.tick_params(labelsize=7)
+    ax = axes.flat[-1]
+    x = np.arange(len(BLOCKS))
+    for side, color in (("in", "tab:gray"), ("out", "tab:red")):
+        ax.plot(x, [np.nanmean(a.pr[f"{b}.{side}"]) for b in BLOCKS], "o-", color=color,
+                label=side, ms=4)
+    ax.set_xticks(x, BLOCKS, fontsize=7)
+    ax.set_ylim(0, 1)
+    ax.set_title("mean PR along the network", fontsize=10)
+    ax.legend(fontsize=7, frameon=False)
+    fig.supxlabel("participation ratio per image (last panel: mean per block)", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path, dpi)
+
+
+def fig_stability(a: Analysis, cfg: AnalyzeConfig, path: Path, dpi: int) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    cmap = plt.get_cmap("viridis")
+    for i, b in enumerate(BLOCKS):
+        ax.plot(cfg.sweep, a.stability[b], "o-", ms=3, lw=2.5 if b == "M" else 1.2,
+                color="tab:red" if b == "M" else cmap(i / len(BLOCKS)), label=b)
+    ax.axvline(cfg.sigma, color="k", ls=":", lw=1)
+    ax.set_xscale("symlog", linthresh=min((s for s in cfg.sweep if s > 0), default=0.01))
+    ax.set_xlim(0, max(cfg.sweep) * 1.1 if max(cfg.sweep) > 0 else 1)
+    ax.set_xticks(cfg.sweep, [f"{s:g}" for s in cfg.sweep], fontsize=7)
+    ax.minorticks_off()
+    ax.set_xlabel(f"σ2 (σ1 = {cfg.sigma:g}, dotted)")
+    ax.set_ylabel("mean cosine of block-output means")
+    ax.legend(fontsize=8, ncol=2, frameon=False)
+    fig.tight_layout()
+    return _save(fig, path, dpi)
+
+
+def fig_channel_pr(a: Analysis, path: Path, dpi: int) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    v = a.channel_pr[np.isfinite(a.channel_pr)]
+    ax.hist(v, bins=np.linspace(0, 1, 41), color="tab:blue")
+    for c in a.selective:
+        ax.axvline(a.channel_pr[c], color="tab:red", lw=0.8)
+    ax.set_xlabel("participation ratio of a middle-block channel across images")
+    ax.set_ylabel("channels")
+    fig.tight_layout()
+    return _save(fig, path, dpi)
+
+
+def fig_top_images(a: Analysis, images: np.ndarray, labels: np.ndarray, names: list[str],
+                   cfg: AnalyzeConfig, path: Path, dpi: int) -> Path:
+    import matplotlib.pyplot as plt
+
+    rows = max(len(a.selective), 1)
+    # 0.8 inch at 80 dpi: the 64 px images at their own size
+    fig, axes = plt.subplots(rows, cfg.tiles, figsize=(cfg.tiles * 0.8, rows * 0.95),
+                             squeeze=False)
+    for r, c in enumerate(a.selective):
+        top = np.argsort(-a.mid[:, c], kind="stable")[:cfg.tiles]
+        for j, i in enumerate(top):
+            ax = axes[r, j]
+            ax.imshow(images[i], interpolation="nearest")
+            name = names[labels[i]] if 0 <= labels[i] < len(names) else ""
+            ax.set_title(name[:12], fontsize=6, pad=1)
+        axes[r, 0].set_ylabel(f"ch {c}\nPR {a.channel_pr[c]:.3f}", fontsize=7)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for s in ax.spines.values():
+            s.set_visible(False)
+    fig.tight_layout(pad=0.3)
+    return _save(fig, path, dpi, palette=True)
+
+
+def fig_subspaces(g: dict, names: list[str], path: Path, dpi: int) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 3.6))
+    chans = g["specific_a"] + g["common"] + g["specific_b"]
+    x = np.arange(len(chans))
+    ma, mb = np.asarray(g["mean_a"])[chans], np.asarray(g["mean_b"])[chans]
+    na, nb = (names[g[k]] if g[k] < len(names) else str(g[k]) for k in ("a", "b"))
+    ax.bar(x - 0.2, ma, 0.4, color="tab:orange", label=f"{na} (n={g['n_a']})")
+    ax.bar(x + 0.2, mb, 0.4, color="tab:blue", label=f"{nb} (n={g['n_b']})")
+    k = len(g["specific_a"])
+    for edge in (k - 0.5, k + len(g["common"]) - 0.5):
+        ax.axvline(edge, color="k", lw=0.8, ls=":")
+    ax.set_xticks(x, [str(c) for c in chans], fontsize=7, rotation=90)
+    ax.set_xlabel(f"channel: specific to {na} | common | specific to {nb}")
+    ax.set_ylabel("mean activation")
+    ax.legend(fontsize=8, frameon=False)
+    fig.tight_layout()
+    return _save(fig, path, dpi)
+
+
+# ------------------------------------------------------------------------------------------
+# Report
+
+
+def summary(a: Analysis, cfg: AnalyzeConfig, names: list[str]) -> dict:
+    """The numbers quoted in report.html (and written to analysis.json)."""
+    cpr = a.channel_pr[np.isfinite(a.channel_pr)]
+    g = {k: v for k, v in a.groups.items() if k not in ("mean_a", "mean_b")}
+    for k in ("a", "b"):
+        if k in g:
+            g[f"name_{k}"] = names[g[k]] if g[k] < len(names) else str(g[k])
+    return {
+        "pr_mean": {t: round(float(np.nanmean(a.pr[t])), 4) for t in TAPS},
+        "stability": {"sigma1": cfg.sigma, "sigma2": list(cfg.sweep),
+                      "cosine": {b: [round(x, 4) for x in v] for b, v in a.stability.items()}},
+        "channels": {"total": len(a.channel_pr), "dead": int((a.active_images == 0).sum()),
+                     "selective_pr_lt_0.25": int((cpr < 0.25).sum()),
+                     "common_pr_gt_0.75": int((cpr > 0.75).sum()),
+                     "median_pr": round(float(np.median(cpr)), 4) if len(cpr) else None,
+                     "shown": [{"channel": c, "pr": round(float(a.channel_pr[c]), 4),
+                                "active_images": int(a.active_images[c])} for c in a.selective]},
+        "mid_active_per_image": round(float((a.mid > 0).sum(1).mean()), 2),
+        "groups": g,
+    }
+
+
+def _b64(path: Path) -> str:
+    return base64.b64encode(path.read_bytes()).decode()
+
+
+def paragraphs(s: dict, cfg: AnalyzeConfig, meta: dict) -> dict[str, str]:
+    """A short explanation per figure, with its numbers."""
+    pm = s["pr_mean"]
+    rows = ", ".join(f"{b} {pm[b + '.in']:.2f} → {pm[b + '.out']:.2f}" for b in BLOCKS)
+    denser = [b for b in BLOCKS if pm[b + ".out"] > pm[b + ".in"]]
+    sparser = [b for b in BLOCKS if pm[b + ".out"] < pm[b + ".in"]]
+    st = s["stability"]["cosine"]
+    i1 = list(cfg.sweep).index(cfg.sigma) if cfg.sigma in cfg.sweep else None
+    best = max(BLOCKS, key=lambda b: float(np.mean(st[b])))
+    ch = s["channels"]
+    out = {
+        "pr": (f"Participation ratio PR(v) = (Σv)²/(C·Σv²) (|v| where signed) of each block's "
+               f"spatially averaged input and output, over {meta['images']} images at "
+               f"σ = {cfg.sigma:g}. Mean PR input → output: {rows}. Blocks that make the code "
+               f"denser (PR up): {', '.join(denser) or 'none'}; sparser (PR down): "
+               f"{', '.join(sparser) or 'none'}. "
+               "In the paper the encoder blocks densify and the middle block and decoder "
+               "sparsify (middle block ≈ 0.75 → 0.25)."),
+        "stability": (f"Mean cosine between a block's output means at σ1 = {cfg.sigma:g} and at "
+                      f"σ2 (another noise draw), over {min(cfg.stability_images, meta['images'])} "
+                      f"images. Most stable on average over the sweep: {best}. "
+                      + ("At σ2 = σ1 (noise floor): " + ", ".join(
+                          f"{b} {st[b][i1]:.3f}" for b in BLOCKS) + ". " if i1 is not None else "")
+                      + f"At σ2 = {cfg.sweep[0]:g}: " + ", ".join(
+                          f"{b} {st[b][0]:.3f}" for b in BLOCKS) + "."),
+        "channel_pr": (f"PR of each of the {ch['total']} middle-block channels across the images "
+                       f"(low = selective, high = common). Median {ch['median_pr']}; "
+                       f"{ch['selective_pr_lt_0.25']} channels below 0.25, "
+                       f"{ch['common_pr_gt_0.75']} above 0.75, {ch['dead']} never active. "
+                       f"An image has {s['mid_active_per_image']} active channels on average. "
+                       "Red lines: the channels shown below."),
+        "top": ("The images that most activate the most selective channels (lowest PR among "
+                f"channels on in at least {cfg.min_active} images): "
+                + "; ".join(f"channel {c['channel']} (PR {c['pr']:.3f}, on in "
+                            f"{c['active_images']} images)" for c in ch["shown"]) + "."),
+    }
+    g = s["groups"]
+    if g:
+        out["subspaces"] = (
+            f"Mean middle-block activation of two label groups, {g['name_a']} (n={g['n_a']}) "
+            f"and {g['name_b']} (n={g['n_b']}), on the {len(g['specific_a'])} channels most "
+            f"specific to each and the {len(g['common'])} most shared. Share of a group's φ "
+            f"energy (Σφ_c²) inside its own specific + common channels vs the other group's: "
+            f"{g['name_a']} {g['energy_a_own']:.0%} vs {g['energy_a_other']:.0%}, "
+            f"{g['name_b']} {g['energy_b_own']:.0%} vs {g['energy_b_other']:.0%} "
+            f"({len(g['specific_a']) + len(g['common'])} of {g['channels']} channels each).")
+    return out
+
+
+def write_report(out: Path, figs: dict[str, Path], text: dict[str, str], meta: dict) -> Path:
+    titles = {"pr": "Sparsity per block", "stability": "Stability across noise",
+              "channel_pr": "Channel selectivity", "top": "Most selective channels",
+              "subspaces": "Union of subspaces"}
+    parts = [f"<h2>{titles[k]}</h2>\n<p>{html.escape(text[k])}</p>\n"
+             f'<img alt="{k}" src="data:image/png;base64,{_b64(p)}">'
+             for k, p in figs.items() if k in text]
+    head = (f"checkpoint {meta['checkpoint']} (sha256 {meta['model_sha256'][:12]}), "
+            f"{meta['images']} images from {', '.join(Path(u).name for u in meta['data'])}, "
+            f"σ = {meta['sigma']:g}, {meta['draws']} draw(s) per σ, seed {meta['seed']}.")
+    doc = ("<!doctype html>\n<html><head><meta charset='utf-8'><title>phisearch analyze</title>"
+           "<style>body{font-family:sans-serif;max-width:960px;margin:2em auto;color:#222}"
+           "img{max-width:100%}p{line-height:1.4}</style></head><body>\n"
+           f"<h1>What the denoiser's code looks like (SPEC §3)</h1>\n<p>{html.escape(head)}</p>\n"
+           + "\n".join(parts) + "\n</body></html>\n")
+    path = out / "report.html"
+    path.write_text(doc)
+    return path
+
+
+def analyze(checkpoint: str | None, data: Sequence[str], out: str | Path,
+            cfg: AnalyzeConfig = AnalyzeConfig(), on_progress: Progress | None = None) -> dict:
+    """Compute, draw and write every figure, report.html and analysis.json into `out`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from phisearch.indexer import checkpoint as ckpt
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    c = ckpt.load(checkpoint, "cpu")
+    images, labels, names = load_images(data, cfg.images)
+    a = compute(c.model, images, labels, cfg, on_progress)
+    s = summary(a, cfg, names)
+    figs = {"pr": fig_pr(a, out / "pr_blocks.png", cfg.dpi),
+            "stability": fig_stability(a, cfg, out / "stability.png", cfg.dpi),
+            "channel_pr": fig_channel_pr(a, out / "channel_pr.png", cfg.dpi),
+            "top": fig_top_images(a, images, labels, names, cfg, out / "top_channels.png",
+                                  cfg.dpi)}
+    if a.groups:
+        figs["subspaces"] = fig_subspaces(a.groups, names, out / "subspaces.png", cfg.dpi)
+    meta = {"checkpoint": c.name, "model_sha256": c.sha256, "images": len(images),
+            "data": list(data), "sigma": cfg.sigma, "draws": cfg.draws, "seed": cfg.seed}
+    report = write_report(out, figs, paragraphs(s, cfg, meta), meta)
+    result = {**meta, **s, "config": asdict(cfg), "seconds": round(time.perf_counter() - t0, 1),
+              "files": [p.name for p in figs.values()] + [report.name, "analysis.json"]}
+    (out / "analysis.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result

@@ -1,0 +1,68 @@
+import numpy as np
+import pytest
+import torch
+from phisearch.indexer import checkpoint as ckpt
+from phisearch.indexer import phi as phimod
+from phisearch.indexer.phi import as_float, phi
+from phisearch.indexer.train import load_images
+
+
+@pytest.fixture(scope="module")
+def images(mini_shard) -> np.ndarray:
+    return load_images([mini_shard], 20)  # (20, 64, 64, 3) uint8, real photos
+
+
+@pytest.fixture(scope="module")
+def model():
+    return ckpt.untrained("tiny", seed=0).model
+
+
+def test_shape_and_sign(model, images):
+    v = phi(model, images[:5], sigma=0.2, draws=4, seed=0)
+    assert v.shape == (5, model.mid_channels) and v.dtype == torch.float32
+    assert (v >= 0).all() and v.sum() > 0
+
+
+def test_same_image_same_phi_in_any_batch(model, images):
+    i = 3
+    alone = phi(model, images[i:i + 1], 0.2, 4, 0)[0]
+    in_ten = phi(model, images[:10], 0.2, 4, 0)[i]
+    perm = np.random.default_rng(0).permutation(20)
+    shuffled = phi(model, images[perm], 0.2, 4, 0)[int(np.flatnonzero(perm == i)[0])]
+    assert torch.allclose(alone, in_ten, atol=1e-5, rtol=0)
+    assert torch.allclose(alone, shuffled, atol=1e-5, rtol=0)
+    # ... and the noise really differs between images: a different image gives another φ
+    assert not torch.allclose(alone, phi(model, images[i + 1:i + 2], 0.2, 4, 0)[0], atol=1e-3)
+
+
+def test_uint8_and_float_inputs_agree(model, images):
+    a = phi(model, images[:6], 0.2, 4, 7)
+    b = phi(model, as_float(images[:6]), 0.2, 4, 7)  # (N, 3, H, W) float in [0, 1]
+    assert torch.allclose(a, b, atol=1e-6, rtol=0)
+
+
+def test_seed_changes_phi(model, images):
+    a = phi(model, images[:4], 0.2, 4, 0)
+    b = phi(model, images[:4], 0.2, 4, 1)
+    assert (a - b).abs().max() > 1e-4
+    assert torch.equal(a, phi(model, images[:4], 0.2, 4, 0))  # and the same seed repeats
+
+
+@torch.no_grad()
+def test_sigma_zero_is_one_clean_pass(model, images):
+    a = phi(model, images[:4], sigma=0.0, draws=4, seed=0)
+    clean = model.encode(as_float(images[:4]))[0].mean(dim=(-2, -1))
+    assert torch.allclose(a, clean, atol=1e-6, rtol=0)
+
+
+@torch.no_grad()
+def test_draws_are_averaged(model, images):
+    sigma, draws, seed = 0.3, 4, 5
+    x = as_float(images[:3])
+    z = phimod.noise(images[:3], draws, seed)                     # (draws, N, 3, H, W)
+    assert z.shape == (draws, 3, 3, 64, 64)
+    per_draw = [model.encode(x + sigma * z[j])[0].mean(dim=(-2, -1)) for j in range(draws)]
+    manual = torch.stack(per_draw).mean(0)
+    assert torch.allclose(phi(model, images[:3], sigma, draws, seed), manual, atol=1e-5, rtol=0)
+    # the draws differ from each other, so the average is not a single pass
+    assert (per_draw[0] - per_draw[1]).abs().max() > 1e-4

@@ -1,0 +1,65 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from phisearch.indexer import checkpoint as ckpt
+from phisearch.indexer.train import EVAL_SIGMAS, TrainConfig, denoise_eval, load_images, train
+
+
+def tiny_cfg(mini_shard, out, steps, **kw) -> TrainConfig:
+    return TrainConfig(data=(mini_shard,), out=str(out), preset="tiny", batch_size=8,
+                       max_steps=steps, dtype="fp32", workers=0, device="cpu", **kw)
+
+
+def test_loss_goes_down(tmp_path, mini_shard):
+    losses: list[tuple[int, float]] = []
+    path = train(tiny_cfg(mini_shard, tmp_path, 30), on_step=lambda s, v: losses.append((s, v)))
+    assert [s for s, _ in losses] == list(range(1, 31))
+    first, last = np.mean([v for _, v in losses[:5]]), np.mean([v for _, v in losses[-5:]])
+    assert last < 0.6 * first, (first, last)
+    info = json.loads(path.with_suffix(".json").read_text())
+    assert info["steps"] == 30 and info["images_seen"] == 240 and info["preset"] == "tiny"
+    assert info["data"]["samples"] == 100  # from the folder's manifest.json
+    for step in (0, 1, 2, 5, 10, 20):
+        assert (tmp_path / "curve" / f"step-{step:07d}.safetensors").is_file()
+    assert not (tmp_path / "curve" / f"step-{30:07d}.safetensors").exists()
+    assert ckpt.load(tmp_path / "curve" / "step-0000005.safetensors").info["steps"] == 5
+
+
+def test_resume_continues(tmp_path, mini_shard):
+    train(tiny_cfg(mini_shard, tmp_path, 5))
+    assert json.loads((tmp_path / "model.json").read_text())["steps"] == 5
+    assert (tmp_path / "train_state.safetensors").is_file()
+    steps: list[int] = []
+    train(tiny_cfg(mini_shard, tmp_path, 8), on_step=lambda s, v: steps.append(s))
+    assert steps == [6, 7, 8]
+    info = json.loads((tmp_path / "model.json").read_text())
+    assert info["steps"] == 8 and info["images_seen"] == 64
+    for step in (0, 1, 2, 5):
+        assert (tmp_path / "curve" / f"step-{step:07d}.safetensors").is_file()
+
+
+@pytest.fixture(scope="module")
+def eval_table(tiny_checkpoint, mini_shard):
+    model = ckpt.load(tiny_checkpoint).model
+    return denoise_eval(model, load_images([mini_shard], 64))
+
+
+def test_denoise_eval_table(eval_table):
+    assert list(eval_table) == [str(float(s)) for s in EVAL_SIGMAS] == ["0.05", "0.1", "0.2", "0.4"]
+    for row in eval_table.values():
+        assert set(row) == {"noisy", "denoised", "baseline"}
+        assert all(isinstance(v, float) and np.isfinite(v) for v in row.values())
+    # PSNR of x + 0.1 z against x is 20 dB; each doubling of σ costs 6 dB
+    assert abs(eval_table["0.1"]["noisy"] - 20.0) < 0.5
+    assert abs(eval_table["0.05"]["noisy"] - eval_table["0.1"]["noisy"] - 6.02) < 0.3
+    # the best Gaussian blur beats the noisy input at every σ (it is a real baseline)
+    assert all(r["baseline"] > r["noisy"] for r in eval_table.values())
+
+
+def test_denoise_eval_is_deterministic(tiny_checkpoint, mini_shard):
+    model = ckpt.load(tiny_checkpoint).model
+    imgs = load_images([mini_shard], 16)
+    assert denoise_eval(model, imgs, sigmas=(0.2,)) == denoise_eval(model, imgs, sigmas=(0.2,))
+    assert torch.is_grad_enabled()  # the no_grad decorator does not leak

@@ -1,0 +1,192 @@
+"""One real browser session against `idx ui`: Debian's chromium driven by Playwright uploads an
+image on the Search page, waits for the hits, explains one, runs a short reconstruction and
+opens the Index page, with a screenshot of each (PHISEARCH_SCREENSHOTS, default tmp_path).
+
+Needs /usr/bin/chromium (`apt-get install -y chromium`, done by scripts/install.sh as root) and
+the playwright package (the dev extra). Never `playwright install`: it downloads a browser."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from test_ui_apptest import build_store, first_jpeg
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"]
+WAIT_MS = 180_000      # a first page load imports torch and loads the model on a busy 2-core CPU
+MAX_PNG = 300_000      # screenshots kept small enough for docs/
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def sync_playwright():
+    if not Path(CHROMIUM).is_file():
+        pytest.skip(f"{CHROMIUM} is missing: apt-get install -y chromium (scripts/install.sh "
+                    "does it when run as root)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright is not installed: pip install -e '.[dev]' (never run "
+                    "`playwright install`)")
+    return sync_playwright
+
+
+@pytest.fixture(scope="module")
+def server(sync_playwright, tmp_path_factory, mini_shard):
+    root = tmp_path_factory.mktemp("ui-browser")
+    cfg = build_store(root, mini_shard)
+    port = free_port()
+    env = dict(os.environ, PHISEARCH_NO_PROGRESS="1",
+               OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    log_path = root / "server.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "phisearch.ui", "ui", "--store", cfg.path, "--port", str(port),
+             "--address", "127.0.0.1", "--device", "cpu", "--hold", "2"],
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"idx ui exited with {proc.returncode}:\n{log_path.read_text()}")
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                    if r.read().strip() == b"ok":
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"idx ui did not answer in 120 s:\n{log_path.read_text()}")
+            time.sleep(0.5)
+        yield url
+    finally:   # always: the server is in its own session, so its group is ours to end
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=15)
+
+
+@pytest.fixture
+def shots(tmp_path) -> Path:
+    d = Path(os.environ.get("PHISEARCH_SCREENSHOTS") or tmp_path / "screenshots")
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def shot(page, path: Path) -> Path:
+    """The whole page (Streamlit scrolls inside its own container, so the viewport is made as
+    tall as the content, up to 2400 px), palette-reduced when over MAX_PNG bytes."""
+    from PIL import Image
+
+    size = page.viewport_size
+    tall = page.evaluate("""() => Math.max(...Array.from(document.querySelectorAll(
+        '[data-testid="stMain"], [data-testid="stMainBlockContainer"]')).map(e => e.scrollHeight),
+        0)""")
+    page.set_viewport_size({"width": size["width"], "height": min(max(tall + 40, 600), 2400)})
+    page.wait_for_timeout(1500)   # charts draw after the resize
+    settle(page)
+    data = page.screenshot()
+    page.set_viewport_size(size)
+    if len(data) > MAX_PNG:
+        im = Image.open(io.BytesIO(data)).convert("RGB").quantize(256)
+        buf = io.BytesIO()
+        im.save(buf, format="PNG", optimize=True)
+        data = buf.getvalue()
+    path.write_bytes(data)
+    return path
+
+
+def settle(page, timeout_s: float = 120) -> None:
+    """Wait until the app has finished rerunning: no "Running..." widget, no stale element."""
+    deadline = time.monotonic() + timeout_s
+    quiet = 0
+    while time.monotonic() < deadline:
+        running = page.locator('[data-testid="stStatusWidget"]').count()
+        stale = page.locator('[data-stale="true"], [data-testid="stSkeleton"]').count()
+        quiet = quiet + 1 if not running and not stale else 0
+        if quiet >= 4:
+            return
+        page.wait_for_timeout(250)
+    raise AssertionError("the app kept running")
+
+
+def no_exception(page) -> None:
+    assert page.locator('[data-testid="stException"]').count() == 0, page.content()[-3000:]
+
+
+def test_search_explain_reconstruct_in_chromium(server, sync_playwright, mini_shard, shots,
+                                                tmp_path):
+    _, jpg = first_jpeg(mini_shard)
+    image = tmp_path / "query.jpg"
+    image.write_bytes(jpg)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.set_default_timeout(WAIT_MS)
+            page.goto(server, wait_until="domcontentloaded")
+            page.get_by_role("heading", name="Search").wait_for()
+            page.get_by_text("Upload an image or pick a random indexed one.").wait_for()
+            page.locator('input[type="file"]').set_input_files(str(image))
+            # the image itself comes back first, at distance 0, with its label
+            page.get_by_text("d = 0.000", exact=False).first.wait_for()
+            settle(page)
+            no_exception(page)
+            assert page.get_by_text(" · unclustered").count() >= 10
+            shot(page, shots / "ui-search.png")
+
+            page.get_by_role("button", name="Explain").nth(1).click()
+            page.get_by_role("heading", name="Explain a match").wait_for()
+            page.get_by_text("Channels that drive the distance").wait_for()
+            settle(page)
+            no_exception(page)
+            shot(page, shots / "ui-explain.png")
+
+            page.get_by_role("link", name="Reconstruct").click()
+            page.get_by_role("heading", name="Reconstruct").wait_for()
+            settle(page)
+            for label, value in (("Levels (blank: the preset's)", "2"),
+                                 ("Guidance steps per level (blank: the preset's)", "2")):
+                box = page.get_by_label(label)
+                box.fill(value)
+                box.press("Enter")
+                settle(page)
+            page.get_by_role("button", name="Run reconstruction").click()
+            page.get_by_text("Median relative φ error").wait_for()
+            settle(page)
+            no_exception(page)
+            assert page.get_by_text(re.compile(r"^#\d+ φ error ")).count() == 4   # 4 samples
+            shot(page, shots / "ui-reconstruct.png")
+
+            page.get_by_role("link", name="Index").click()
+            page.get_by_role("heading", name="Index").wait_for()
+            page.get_by_text("Shards done").wait_for()
+            settle(page)
+            no_exception(page)
+            shot(page, shots / "ui-index.png")
+        finally:
+            browser.close()
+    for name in ("ui-search.png", "ui-explain.png", "ui-reconstruct.png", "ui-index.png"):
+        assert 10_000 < (shots / name).stat().st_size <= MAX_PNG + 200_000

@@ -1,0 +1,58 @@
+"""Index: what `idx status` reports about the collection (pipeline.status())."""
+
+from __future__ import annotations
+
+import time
+
+import pandas as pd
+import streamlit as st
+from phisearch.indexer.pipeline import status
+from phisearch.ui import common
+
+
+def when(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+
+
+st.title("Index")
+s = common.settings()
+with common.guard():
+    info = common.holder(s).unheld(status)   # status() opens the store itself
+if info is None:
+    st.info(f"No collection in {s.where} yet: run `idx build --data ...` first.")
+    st.stop()
+
+m1, m2, m3, m4 = st.columns(4)
+m1.metric("Points", info["points"])
+m2.metric("Shards done", info["shards_done"])
+m3.metric("Shards pending", info["shards_pending"])
+m4.metric("Skipped samples", sum(info["skipped"].values()))
+
+last = info.get("last_run") or {}
+if last.get("running_since") and (last.get("finished_at") or 0) < last["running_since"]:
+    st.warning(f"A build started {when(last['running_since'])} has not finished: it is running, "
+               "or it was interrupted (rerun the same `idx build` to resume).")
+
+st.subheader("How the collection was built")
+settings_rows = {k: info.get(k) for k in ("collection", "backend", "checkpoint", "model_sha256",
+                                          "readout", "dim", "sigma", "draws", "seed",
+                                          "schema_version")}
+st.dataframe(pd.DataFrame({"setting": list(settings_rows),
+                           "value": [str(v) for v in settings_rows.values()]}),
+             hide_index=True, width="stretch")
+if info["skipped"]:
+    st.subheader("Skipped samples by reason")
+    st.dataframe(pd.DataFrame({"reason": list(info["skipped"]),
+                               "count": list(info["skipped"].values())}), hide_index=True)
+if info.get("shards"):
+    st.subheader("Shards")
+    st.dataframe(pd.DataFrame([{
+        "shard": url, "indexed": r.get("indexed"),
+        "skipped": sum((r.get("skipped") or {}).values()),
+        "deleted": r.get("deleted", 0), "completed": when(r.get("completed_at")),
+    } for url, r in info["shards"].items()]), hide_index=True, width="stretch")
+if last:
+    with st.expander("Last build"):
+        st.json(last)
+with st.expander("`idx status --json`"):
+    st.json({k: v for k, v in info.items() if k != "shards"})

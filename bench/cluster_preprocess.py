@@ -22,7 +22,7 @@ from phisearch.indexer.store import StoreConfig, open_store
 from sklearn.metrics import normalized_mutual_info_score as nmi
 
 PREPROCESS = (("raw", 0), ("l2", 0), ("pca", 16), ("pca", 32), ("pca", 64))
-HDBSCAN = (("eom", 15, None), ("eom", 10, 1), ("leaf", 15, None), ("leaf", 10, 5), ("leaf", 10, 1))
+HDBSCAN = (("eom", 15, None), ("eom", 10, 1), ("leaf", 10, 5), ("leaf", 10, 1), ("leaf", 5, 1))
 
 
 def score(labels: np.ndarray, assign: np.ndarray) -> dict:

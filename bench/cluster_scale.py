@@ -1,6 +1,7 @@
 """Seconds of `idx cluster` (the library call, through an Edge store) at 10k and 100k synthetic
 φ-like points: 256-d, a mixture of 50 gaussians through a ReLU (about 30% zeros). HDBSCAN fits
 on a sample of --sample-above points and assigns the rest; k-means fits on the same sample.
+Other settings are ClusterConfig's defaults; each --preprocess is timed.
 Reports per-stage seconds, clusters, noise and NMI against the true mixture components.
 
     OMP_NUM_THREADS=1 python bench/cluster_scale.py --sizes 10000 100000
@@ -55,6 +56,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[10000, 100000])
     ap.add_argument("--methods", nargs="+", default=["hdbscan", "kmeans"])
+    ap.add_argument("--preprocess", nargs="+", default=["l2", "pca"],
+                    help="raw | l2 | pca (32 dims); each is timed")
     ap.add_argument("--sample-above", type=int, default=20000)
     ap.add_argument("--note", default="")
     ap.add_argument("--out", type=Path, default=Path("bench/results/cluster_scale.json"))
@@ -66,8 +69,8 @@ def main() -> None:
         try:
             scfg = StoreConfig(path=str(tmp), collection="bench")
             fill_s = fill(scfg, x, comp)
-            for method in args.methods:
-                cfg = ClusterConfig(method=method, sample_above=args.sample_above)
+            for method, prep in ((m, p) for p in args.preprocess for m in args.methods):
+                cfg = ClusterConfig(method=method, preprocess=prep, sample_above=args.sample_above)
                 res = cluster(scfg, cfg)
                 with open_store(scfg) as st:
                     ids = [point_id("bench", f"k{i}") for i in range(n)]

@@ -251,16 +251,15 @@ def cluster(
         "--method", help="hdbscan (finds the number of clusters, marks noise) | kmeans.")
     ] = "hdbscan",
     min_cluster_size: Annotated[int, typer.Option(
-        "--min-cluster-size", min=2, help="HDBSCAN: smallest cluster.")] = 15,
+        "--min-cluster-size", min=2, help="HDBSCAN: smallest cluster.")] = 10,
     min_samples: Annotated[int | None, typer.Option(
-        "--min-samples", min=1, help="HDBSCAN: density smoothing (default: min cluster size).")
-    ] = None,
+        "--min-samples", min=1, help="HDBSCAN: density smoothing (1 = least noise).")] = 1,
     selection: Annotated[str, typer.Option(
-        "--selection", help="HDBSCAN cluster selection: eom (few large) | leaf (many small).")
-    ] = "eom",
+        "--selection", help="HDBSCAN cluster selection: leaf (many small) | eom (few large).")
+    ] = "leaf",
     k: Annotated[int, typer.Option("--k", min=1, help="k-means: number of clusters.")] = 100,
     preprocess: Annotated[str, typer.Option(
-        "--preprocess", help="raw | l2 | pca: the space clusters are found in.")] = "pca",
+        "--preprocess", help="l2 | raw | pca: the space clusters are found in.")] = "l2",
     pca_dims: Annotated[int, typer.Option("--pca-dims", min=1, help="Dimensions kept by pca.")
                         ] = 32,
     sample_above: Annotated[int, typer.Option(
@@ -301,8 +300,7 @@ def cluster(
             bars["bar"] = progress(total=total, desc=stage,
                                    unit="img" if stage != "fit" else "pt")
             bars["stage"] = stage
-        bars["bar"].n = done
-        bars["bar"].refresh()
+        bars["bar"].update(done - bars["bar"].n)
 
     try:
         result = run(scfg, cfg, on_progress)

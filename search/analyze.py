@@ -99,7 +99,9 @@ class Analysis:
     """The numbers behind the figures (arrays are per image or per channel)."""
 
     pr: dict[str, np.ndarray]           # tap -> (N,) PR per image
+    dead: dict[str, int]                # tap -> channels never active over the images
     stability: dict[str, list[float]]   # block -> mean cosine per σ2 (block outputs)
+    stability_c: dict[str, list[float]]  # the same after subtracting the mean over images
     channel_pr: np.ndarray              # (C,) PR of each middle-block channel across images
     active_images: np.ndarray           # (C,) images in which each channel is on
     mid: np.ndarray                     # (N, C) middle-block means of the main pass
@@ -116,13 +118,18 @@ def compute(model, images: np.ndarray, labels: np.ndarray, cfg: AnalyzeConfig,
 
     main = embed(model, images, cfg.sigma, cfg, cfg.seed, TAPS, stage("blocks", n))
     pr = {t: participation_ratio(main[t]) for t in TAPS}
+    dead = {t: int((np.abs(main[t]).max(0) == 0).sum()) for t in TAPS}
     m = min(cfg.stability_images, n)
     outs = [f"{b}.out" for b in BLOCKS]
     stability: dict[str, list[float]] = {b: [] for b in BLOCKS}
+    centred: dict[str, list[float]] = {b: [] for b in BLOCKS}
     for j, s2 in enumerate(cfg.sweep):
         other = embed(model, images[:m], s2, cfg, cfg.seed + 1, outs)
         for b in BLOCKS:
-            stability[b].append(float(cosine(main[f"{b}.out"][:m], other[f"{b}.out"]).mean()))
+            x, y = main[f"{b}.out"][:m], other[f"{b}.out"]
+            stability[b].append(float(cosine(x, y).mean()))
+            # what is left once the part shared by every image is removed
+            centred[b].append(float(cosine(x - x.mean(0), y - y.mean(0)).mean()))
         if on_progress:
             on_progress("sigma sweep", j + 1, len(cfg.sweep))
     mid = main["M.out"]
@@ -130,39 +137,59 @@ def compute(model, images: np.ndarray, labels: np.ndarray, cfg: AnalyzeConfig,
     cpr = participation_ratio(mid, axis=0)
     ranked = [int(c) for c in np.argsort(np.nan_to_num(cpr, nan=2.0), kind="stable")
               if active[c] >= min(cfg.min_active, n)]
-    return Analysis(pr, stability, cpr, active, mid, ranked[:cfg.top_channels],
+    return Analysis(pr, dead, stability, centred, cpr, active, mid, ranked[:cfg.top_channels],
                     union_of_subspaces(mid, labels))
 
 
-def union_of_subspaces(mid: np.ndarray, labels: np.ndarray, per_set: int = 8) -> dict:
-    """The two most frequent labels A, B: channels specific to each (mean in the group minus
-    mean in the other, largest), channels common to both (largest min of the two means), and
-    the share of each group's φ energy Σ φ_c² inside span(own specific ∪ common) vs
-    span(other's specific ∪ common)."""
+def most_separated_pair(mid: np.ndarray, labels: np.ndarray, min_size: int = 10
+                        ) -> tuple[int, int] | None:
+    """The two labels whose φ groups are farthest apart in units of their spread: Δ/s, with Δ
+    the distance between the group means and s the pooled std along the line joining them."""
     vals, counts = np.unique(labels[labels >= 0], return_counts=True)
-    if len(vals) < 2:
+    vals = vals[counts >= min(min_size, counts.max(initial=0))]
+    best, pair = -1.0, None
+    for i, a in enumerate(vals):
+        for b in vals[i + 1:]:
+            xa, xb = mid[labels == a], mid[labels == b]
+            d = xa.mean(0) - xb.mean(0)
+            u = d / max(float(np.linalg.norm(d)), 1e-12)
+            s = np.sqrt((np.var(xa @ u) + np.var(xb @ u)) / 2)
+            sep = float(np.linalg.norm(d) / max(s, 1e-12))
+            if sep > best:
+                best, pair = sep, (int(a), int(b))
+    return pair
+
+
+def union_of_subspaces(mid: np.ndarray, labels: np.ndarray, per_set: int = 8) -> dict:
+    """Two label groups A, B (the most separated pair): the channels specific to each (largest
+    (m_A - m_B) / sqrt(m_A + m_B), a difference that also weighs how active the channel is),
+    the channels common to both (largest min(m_A, m_B)), and how much of each group's φ energy
+    Σ φ_c² lies on each set."""
+    pair = most_separated_pair(mid, labels)
+    if pair is None:
         return {}
-    a, b = (int(x) for x in vals[np.argsort(-counts, kind="stable")[:2]])
+    a, b = pair
     ma, mb = mid[labels == a].mean(0), mid[labels == b].mean(0)
     per_set = max(1, min(per_set, mid.shape[1] // 3))
     common = np.argsort(-np.minimum(ma, mb), kind="stable")[:per_set]
     rest = np.setdiff1d(np.arange(mid.shape[1]), common)
-    diff = (ma - mb)[rest]
-    spec_a = rest[np.argsort(-diff, kind="stable")][:per_set]
-    spec_a = spec_a[(ma - mb)[spec_a] > 0]
-    spec_b = rest[np.argsort(diff, kind="stable")][:per_set]
-    spec_b = spec_b[(mb - ma)[spec_b] > 0]
+    score = ((ma - mb) / np.sqrt(ma + mb + 1e-6))[rest]
+    spec_a = rest[np.argsort(-score, kind="stable")][:per_set]
+    spec_a = spec_a[(ma > mb)[spec_a]]
+    spec_b = rest[np.argsort(score, kind="stable")][:per_set]
+    spec_b = spec_b[(mb > ma)[spec_b]]
 
     def share(group: int, chans: np.ndarray) -> float:
-        e = mid[labels == group] ** 2
+        e = mid[labels == group].astype(np.float64) ** 2
         return float((e[:, chans].sum(1) / np.maximum(e.sum(1), 1e-12)).mean())
 
-    own_a, own_b = np.union1d(spec_a, common), np.union1d(spec_b, common)
     return {"a": a, "b": b, "n_a": int((labels == a).sum()), "n_b": int((labels == b).sum()),
             "common": common.tolist(), "specific_a": spec_a.tolist(),
             "specific_b": spec_b.tolist(), "mean_a": ma.tolist(), "mean_b": mb.tolist(),
-            "energy_a_own": share(a, own_a), "energy_a_other": share(a, own_b),
-            "energy_b_own": share(b, own_b), "energy_b_other": share(b, own_a),
+            "energy": {f"{g}_on_{name}": round(share(grp, chans), 4)
+                       for g, grp in (("a", a), ("b", b))
+                       for name, chans in (("specific_a", spec_a), ("specific_b", spec_b),
+                                           ("common", common))},
             "channels": mid.shape[1]}
 
 
@@ -221,19 +248,21 @@ def fig_pr(a: Analysis, path: Path, dpi: int) -> Path:
 def fig_stability(a: Analysis, cfg: AnalyzeConfig, path: Path, dpi: int) -> Path:
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     cmap = plt.get_cmap("viridis")
-    for i, b in enumerate(BLOCKS):
-        ax.plot(cfg.sweep, a.stability[b], "o-", ms=3, lw=2.5 if b == "M" else 1.2,
-                color="tab:red" if b == "M" else cmap(i / len(BLOCKS)), label=b)
-    ax.axvline(cfg.sigma, color="k", ls=":", lw=1)
-    ax.set_xscale("symlog", linthresh=min((s for s in cfg.sweep if s > 0), default=0.01))
-    ax.set_xlim(0, max(cfg.sweep) * 1.1 if max(cfg.sweep) > 0 else 1)
-    ax.set_xticks(cfg.sweep, [f"{s:g}" for s in cfg.sweep], fontsize=7)
-    ax.minorticks_off()
-    ax.set_xlabel(f"σ2 (σ1 = {cfg.sigma:g}, dotted)")
-    ax.set_ylabel("mean cosine of block-output means")
-    ax.legend(fontsize=8, ncol=2, frameon=False)
+    for ax, data, title in ((axes[0], a.stability, "cosine of block-output means"),
+                            (axes[1], a.stability_c, "same, mean over images subtracted")):
+        for i, b in enumerate(BLOCKS):
+            ax.plot(cfg.sweep, data[b], "o-", ms=3, lw=2.5 if b == "M" else 1.2,
+                    color="tab:red" if b == "M" else cmap(i / len(BLOCKS)), label=b)
+        ax.axvline(cfg.sigma, color="k", ls=":", lw=1)
+        ax.set_xscale("symlog", linthresh=min((s for s in cfg.sweep if s > 0), default=0.01))
+        ax.set_xlim(0, max(cfg.sweep) * 1.1 if max(cfg.sweep) > 0 else 1)
+        ax.set_xticks(cfg.sweep, [f"{s:g}" for s in cfg.sweep], fontsize=7)
+        ax.minorticks_off()
+        ax.set_xlabel(f"σ2 (σ1 = {cfg.sigma:g}, dotted)")
+        ax.set_title(title, fontsize=10)
+    axes[0].legend(fontsize=8, ncol=2, frameon=False)
     fig.tight_layout()
     return _save(fig, path, dpi)
 
@@ -311,8 +340,11 @@ def summary(a: Analysis, cfg: AnalyzeConfig, names: list[str]) -> dict:
             g[f"name_{k}"] = names[g[k]] if g[k] < len(names) else str(g[k])
     return {
         "pr_mean": {t: round(float(np.nanmean(a.pr[t])), 4) for t in TAPS},
+        "dead_channels": {t: a.dead[t] for t in TAPS},
         "stability": {"sigma1": cfg.sigma, "sigma2": list(cfg.sweep),
-                      "cosine": {b: [round(x, 4) for x in v] for b, v in a.stability.items()}},
+                      "cosine": {b: [round(x, 4) for x in v] for b, v in a.stability.items()},
+                      "cosine_centred": {b: [round(x, 4) for x in v]
+                                         for b, v in a.stability_c.items()}},
         "channels": {"total": len(a.channel_pr), "dead": int((a.active_images == 0).sum()),
                      "selective_pr_lt_0.25": int((cpr < 0.25).sum()),
                      "common_pr_gt_0.75": int((cpr > 0.75).sum()),
@@ -334,9 +366,13 @@ def paragraphs(s: dict, cfg: AnalyzeConfig, meta: dict) -> dict[str, str]:
     rows = ", ".join(f"{b} {pm[b + '.in']:.2f} → {pm[b + '.out']:.2f}" for b in BLOCKS)
     denser = [b for b in BLOCKS if pm[b + ".out"] > pm[b + ".in"]]
     sparser = [b for b in BLOCKS if pm[b + ".out"] < pm[b + ".in"]]
-    st = s["stability"]["cosine"]
+    st, sc = s["stability"]["cosine"], s["stability"]["cosine_centred"]
     i1 = list(cfg.sweep).index(cfg.sigma) if cfg.sigma in cfg.sweep else None
     best = max(BLOCKS, key=lambda b: float(np.mean(st[b])))
+    best_c = max(BLOCKS, key=lambda b: float(np.mean(sc[b])))
+
+    def at(curves: dict, i: int) -> str:
+        return ", ".join(f"{b} {curves[b][i]:.3f}" for b in BLOCKS)
     ch = s["channels"]
     out = {
         "pr": (f"Participation ratio PR(v) = (Σv)²/(C·Σv²) (|v| where signed) of each block's "
@@ -345,14 +381,19 @@ def paragraphs(s: dict, cfg: AnalyzeConfig, meta: dict) -> dict[str, str]:
                f"denser (PR up): {', '.join(denser) or 'none'}; sparser (PR down): "
                f"{', '.join(sparser) or 'none'}. "
                "In the paper the encoder blocks densify and the middle block and decoder "
-               "sparsify (middle block ≈ 0.75 → 0.25)."),
-        "stability": (f"Mean cosine between a block's output means at σ1 = {cfg.sigma:g} and at "
-                      f"σ2 (another noise draw), over {min(cfg.stability_images, meta['images'])} "
-                      f"images. Most stable on average over the sweep: {best}. "
-                      + ("At σ2 = σ1 (noise floor): " + ", ".join(
-                          f"{b} {st[b][i1]:.3f}" for b in BLOCKS) + ". " if i1 is not None else "")
-                      + f"At σ2 = {cfg.sweep[0]:g}: " + ", ".join(
-                          f"{b} {st[b][0]:.3f}" for b in BLOCKS) + "."),
+               "sparsify (middle block ≈ 0.75 → 0.25). PR counts every channel, so channels "
+               "that never fire cap it: never active over these images, block outputs: "
+               + ", ".join(f"{b} {s['dead_channels'][b + '.out']}" for b in BLOCKS) + "."),
+        "stability": (
+            f"Mean cosine between a block's output means at σ1 = {cfg.sigma:g} and at σ2 "
+            f"(another noise draw), over {min(cfg.stability_images, meta['images'])} images; "
+            "right: the same after subtracting each block's mean over the images, which removes "
+            "the part every image shares and keeps what tells images apart. Most stable on "
+            "average over "
+            f"the sweep: {best} (raw), {best_c} (centred). At σ2 = {cfg.sweep[0]:g}, raw: "
+            f"{at(st, 0)}; centred: {at(sc, 0)}. At σ2 = {cfg.sweep[-1]:g}, centred: "
+            f"{at(sc, -1)}."
+            + (f" Noise floor (σ2 = σ1), centred: {at(sc, i1)}." if i1 is not None else "")),
         "channel_pr": (f"PR of each of the {ch['total']} middle-block channels across the images "
                        f"(low = selective, high = common). Median {ch['median_pr']}; "
                        f"{ch['selective_pr_lt_0.25']} channels below 0.25, "
@@ -366,14 +407,17 @@ def paragraphs(s: dict, cfg: AnalyzeConfig, meta: dict) -> dict[str, str]:
     }
     g = s["groups"]
     if g:
+        e = g["energy"]
         out["subspaces"] = (
             f"Mean middle-block activation of two label groups, {g['name_a']} (n={g['n_a']}) "
             f"and {g['name_b']} (n={g['n_b']}), on the {len(g['specific_a'])} channels most "
-            f"specific to each and the {len(g['common'])} most shared. Share of a group's φ "
-            f"energy (Σφ_c²) inside its own specific + common channels vs the other group's: "
-            f"{g['name_a']} {g['energy_a_own']:.0%} vs {g['energy_a_other']:.0%}, "
-            f"{g['name_b']} {g['energy_b_own']:.0%} vs {g['energy_b_other']:.0%} "
-            f"({len(g['specific_a']) + len(g['common'])} of {g['channels']} channels each).")
+            f"specific to each and the {len(g['common'])} most shared, of {g['channels']} "
+            "(the pair of labels farthest apart in Δ/s). Share of a group's φ energy (Σφ_c²) "
+            f"on {g['name_a']}'s specific channels: {e['a_on_specific_a']:.1%} for "
+            f"{g['name_a']} vs "
+            f"{e['b_on_specific_a']:.1%} for {g['name_b']}; on {g['name_b']}'s: "
+            f"{e['b_on_specific_b']:.1%} vs {e['a_on_specific_b']:.1%}; on the common ones: "
+            f"{e['a_on_common']:.0%} and {e['b_on_common']:.0%}.")
     return out
 
 
@@ -384,7 +428,8 @@ def write_report(out: Path, figs: dict[str, Path], text: dict[str, str], meta: d
     parts = [f"<h2>{titles[k]}</h2>\n<p>{html.escape(text[k])}</p>\n"
              f'<img alt="{k}" src="data:image/png;base64,{_b64(p)}">'
              for k, p in figs.items() if k in text]
-    head = (f"checkpoint {meta['checkpoint']} (sha256 {meta['model_sha256'][:12]}), "
+    trained = f", {meta['epochs']:.1f} epochs" if meta.get("epochs") else ""
+    head = (f"checkpoint {meta['checkpoint']} (sha256 {meta['model_sha256'][:12]}{trained}), "
             f"{meta['images']} images from {', '.join(Path(u).name for u in meta['data'])}, "
             f"σ = {meta['sigma']:g}, {meta['draws']} draw(s) per σ, seed {meta['seed']}.")
     doc = ("<!doctype html>\n<html><head><meta charset='utf-8'><title>phisearch analyze</title>"
@@ -419,7 +464,8 @@ def analyze(checkpoint: str | None, data: Sequence[str], out: str | Path,
                                   cfg.dpi)}
     if a.groups:
         figs["subspaces"] = fig_subspaces(a.groups, names, out / "subspaces.png", cfg.dpi)
-    meta = {"checkpoint": c.name, "model_sha256": c.sha256, "images": len(images),
+    meta = {"checkpoint": c.name, "model_sha256": c.sha256, "epochs": c.info.get("epochs"),
+            "images": len(images),
             "data": list(data), "sigma": cfg.sigma, "draws": cfg.draws, "seed": cfg.seed}
     report = write_report(out, figs, paragraphs(s, cfg, meta), meta)
     result = {**meta, **s, "config": asdict(cfg), "seconds": round(time.perf_counter() - t0, 1),

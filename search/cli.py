@@ -345,8 +345,7 @@ def analyze(
             bars["bar"] = progress(total=total, desc=stage,
                                    unit="img" if stage == "blocks" else "σ")
             bars["stage"] = stage
-        bars["bar"].n = done
-        bars["bar"].refresh()
+        bars["bar"].update(done - bars["bar"].n)
 
     try:
         result = an.analyze(checkpoint, list(data), out, cfg, on_progress)

@@ -61,7 +61,10 @@ def test_cli_analyze_writes_figures_and_report(tiny_path, mini_shard, tmp_path, 
     ch = result["channels"]
     assert ch["total"] == 16 and 1 <= len(ch["shown"]) <= 4
     g = result["groups"]
-    assert g["name_a"] and g["name_b"] and 0 <= g["energy_a_own"] <= 1
+    assert g["name_a"] and g["name_b"] and g["a"] != g["b"]
+    assert set(g["specific_a"]).isdisjoint(g["specific_b"])
+    assert set(g["common"]).isdisjoint(g["specific_a"] + g["specific_b"])
+    assert all(0 <= v <= 1 for v in g["energy"].values())
     # a missing shard is one line, exit 1
     res = CliRunner().invoke(app, ["analyze", "--data", str(tmp_path / "none.tar"),
                                    "--checkpoint", tiny_path, "--out", str(out)])

@@ -410,6 +410,7 @@ def evaluate(checkpoint: str | ckpt.Checkpoint | None, query_urls: Sequence[str]
     seconds["total"] = time.perf_counter() - t_start
 
     img_per_s = {}
+    cached_reps: list[str] = []  # vectors read from the cache: their speed is from that run
     for rep in vectors:
         if rep.startswith(("pixels",)):
             continue
@@ -422,6 +423,8 @@ def evaluate(checkpoint: str | ckpt.Checkpoint | None, query_urls: Sequence[str]
             key = f"{net}@{_rep_name(st.sigma, 1 if st.sigma == 0 else st.draws)[4:]}"
         if key in passes:
             img_per_s[rep] = passes[key]["img_per_s"]
+            if passes[key].get("cached"):
+                cached_reps.append(rep)
 
     s_dict = asdict(st)
     s_dict.update(
@@ -432,6 +435,7 @@ def evaluate(checkpoint: str | ckpt.Checkpoint | None, query_urls: Sequence[str]
         gallery={"urls": expand([gallery_urls] if isinstance(gallery_urls, str) else gallery_urls),
                  "count": len(g_img), "classes": len(np.unique(g_lab))},
         excluded_self_matches=int((exclude >= 0).sum()),
+        cached_representations=cached_reps,
         img_per_s_note="images per second of each φ pass on this machine (all taps of the pass)",
         torch_threads=torch.get_num_threads(),
     )
@@ -471,6 +475,7 @@ def _order(reps: Sequence[str]) -> list[str]:
 def markdown(result: dict[str, Any]) -> str:
     """The result as a markdown table (one row per representation)."""
     s = result["settings"]
+    cached = set(s.get("cached_representations", ()))
     q_files = ", ".join(u.rsplit("/", 1)[-1] for u in s["queries"]["urls"])
     g_files = ", ".join(u.rsplit("/", 1)[-1] for u in s["gallery"]["urls"])
     lines = [f"# idx eval: `{result['checkpoint']}`", ""]
@@ -486,11 +491,16 @@ def markdown(result: dict[str, Any]) -> str:
                  f"machine ({s['device']}, {s['torch_threads']} torch threads)")
     header = ("| representation | knn@1 | knn@10 | p@10 | mAP | NMI | ARI | purity "
               "| Δ/s classes | Δ/s clusters | img/s |")
+    if cached:
+        lines.append("- img/s marked * : vectors read from --cache; the speed is from the run "
+                     "that computed them")
     lines += ["", header, "|---|---|---|---|---|---|---|---|---|---|---|"]
     reps, seps, ips = result["representations"], result["separation"], result["img_per_s"]
     for rep in _order(list(reps)):
         m, sp = reps[rep], seps[rep]
         speed = f"{ips[rep]:.0f}" if ips.get(rep) else "–"
+        if rep in cached:
+            speed += "*"
         lines.append(f"| `{rep}` | " + " | ".join(f"{m[k]:.3f}" for k in METRICS)
                      + f" | {sp['classes']:.2f} | {sp['clusters']:.2f} | {speed} |")
     return "\n".join(lines) + "\n"

@@ -226,6 +226,8 @@ def test_cache_reuses_vectors(tiny_ckpt: Path, mini_shard: str, tmp_path: Path) 
     assert not any(p["cached"] for p in a["settings"]["passes"].values())
     assert all(p["cached"] for p in b["settings"]["passes"].values())
     assert a["representations"] == b["representations"]
+    assert "phi" in b["settings"]["cached_representations"]
+    assert "*" in ev.markdown(b) and "*" not in ev.markdown(a).split("| representation")[1]
 
 
 @pytest.mark.parametrize("label", ["foo", "mid+", "mid+white", "blocks+pca64", "mid+white0"])

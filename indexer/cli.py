@@ -259,7 +259,8 @@ def cluster(
     ] = "leaf",
     k: Annotated[int, typer.Option("--k", min=1, help="k-means: number of clusters.")] = 100,
     preprocess: Annotated[str, typer.Option(
-        "--preprocess", help="l2 | raw | pca: the space clusters are found in.")] = "l2",
+        "--preprocess", help="auto (l2 for a whitened readout, else pca) | raw | l2 | pca: "
+        "the space clusters are found in.")] = "auto",
     pca_dims: Annotated[int, typer.Option("--pca-dims", min=1, help="Dimensions kept by pca.")
                         ] = 32,
     sample_above: Annotated[int, typer.Option(

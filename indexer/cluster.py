@@ -20,16 +20,18 @@ A. the imagenette index: all 13,394 imagenette-64 images indexed with the shippe
    (default readout blocks+white64: 64-d, PCA-whitened; bench/results/cluster_preprocess.json);
 B. 2,000 test images indexed with the same model's fp32 weights and the paper's readout mid
    (256-d, raw; bench/results/cluster_preprocess_mid.json).
-- l2 (unit length) is the default preprocessing. On A it gives HDBSCAN the highest NMI and the
-  least noise (leaf/10/1: NMI 0.077 with 91% noise, vs 0.048 / 95% raw and 0.035 / 96% pca32;
+- The default preprocessing, auto, is l2 for whitened readouts and pca (32 dims) otherwise.
+  l2 (unit length) on A gives HDBSCAN the highest NMI and the least noise (leaf/10/1: NMI
+  0.077 with 91% noise, vs 0.048 / 95% raw and 0.035 / 96% pca32;
   leaf/5/1: 0.136 / 83% vs 0.086 / 92% raw) and k-means the same NMI as raw (k=10: 0.122 vs
   0.119; k=100: 0.151 vs 0.156). pca hurts on A (k-means k=100: 0.124 with 32 dims, 0.089 with
   16): a whitened readout has the same variance in every direction, so dropping dimensions drops
   information. On B, where PC1 holds 95.5% of the variance and 152 of 256 channels never fire,
   the three are close (HDBSCAN leaf/10/1: NMI 0.057 l2, 0.062 raw, 0.061 pca32; k-means k=100:
-  0.130, 0.114, 0.122) but l2 leaves more noise (83% vs 69%) and HDBSCAN runs 10-50x slower in
-  256 dims than in 32 (2-8 s vs 0.1-0.2 s for 2,000 points): on such a collection use
-  `--preprocess pca`.
+  0.130, 0.114, 0.122) but l2 leaves more noise (83% vs 69%), and HDBSCAN runs 10-50x slower in
+  256 dims than in 32 (2-8 s vs 0.1-0.2 s for 2,000 points; bench/cluster_scale.py: 34 s vs
+  4 s at 10k synthetic points, and l2 at 100k had not finished after 8 minutes where pca32
+  takes 36 s in all): pca for such collections.
 - HDBSCAN: leaf selection, min_samples 1, min_cluster_size 10. φ has no strong density
   structure: the usual eom selection returns 0-8 clusters with NMI <= 0.036 (a few large
   clusters that ignore the labels with min_samples 1; 52-100% noise with min_samples =
@@ -58,7 +60,7 @@ log = logging.getLogger(__name__)
 
 DOC = "clusters"
 METHODS = ("hdbscan", "kmeans")
-PREPROCESS = ("raw", "l2", "pca")
+PREPROCESS = ("auto", "raw", "l2", "pca")
 SELECTIONS = ("eom", "leaf")
 Progress = Callable[[str, int, int], None]   # (stage, done, total)
 
@@ -70,7 +72,7 @@ class ClusterConfig:
     min_samples: int | None = 1      # HDBSCAN: density smoothing (None = min_cluster_size)
     selection: str = "leaf"          # HDBSCAN: leaf (many small clusters) | eom (few large)
     k: int = 100                     # k-means: clusters (clamped to the number of points)
-    preprocess: str = "l2"           # raw | l2 | pca: the space the clusters are found in
+    preprocess: str = "auto"         # auto | raw | l2 | pca: the space clusters are found in
     pca_dims: int = 32               # dimensions kept by `pca`
     sample_above: int = 20000        # fit on a random sample of this size above it
     seed: int = 0                    # sample, PCA and k-means++ seeds
@@ -131,6 +133,15 @@ def read_vectors(store: Store, sparse_dim: int | None = None,
     return Vectors(ids, keys, labels, names,
                    np.stack(dense).astype(np.float32) if dense else np.zeros((0, dim), np.float32),
                    mid)
+
+
+def resolve_preprocess(how: str, readout: str | None) -> str:
+    """auto: l2 for a whitened readout (every direction has the same variance, so a PCA would
+    drop information), pca for a raw one (a few directions dominate; PCA keeps them and makes
+    HDBSCAN 10-50x faster). See the measurements above."""
+    if how != "auto":
+        return how
+    return "l2" if "+white" in (readout or "") else "pca"
 
 
 @dataclass
@@ -295,8 +306,8 @@ def cluster(store_cfg: StoreConfig, cfg: ClusterConfig, on_progress: Progress | 
         if len(v.ids) < 2:
             raise StoreError(f"{store.where} holds {len(v.ids)} point(s): nothing to cluster")
         t_read = time.perf_counter()
-        prep = Preprocessor.fit(v.dense[fit_sample(len(v.ids), cfg)], cfg.preprocess,
-                                cfg.pca_dims)
+        how = resolve_preprocess(cfg.preprocess, meta.get("readout"))
+        prep = Preprocessor.fit(v.dense[fit_sample(len(v.ids), cfg)], how, cfg.pca_dims)
         z = prep(v.dense)
         t_prep = time.perf_counter()
         labels, strength, info = fit_assign(z, cfg, on_progress)
@@ -312,7 +323,7 @@ def cluster(store_cfg: StoreConfig, cfg: ClusterConfig, on_progress: Progress | 
             "method": cfg.method,
             "params": {k: val for k, val in asdict(cfg).items()
                        if k not in ("method", "preprocess", "write_batch")},
-            "preprocess": cfg.preprocess if cfg.preprocess != "pca" else f"pca{z.shape[1]}",
+            "preprocess": how if how != "pca" else f"pca{z.shape[1]}",
             "points": len(v.ids),
             **info,
             "noise": int((labels < 0).sum()),

@@ -9,7 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from phisearch.indexer import checkpoint as ckpt
-from phisearch.indexer.cluster import ClusterConfig, Preprocessor, cluster, fit_assign
+from phisearch.indexer.cluster import (
+    ClusterConfig,
+    Preprocessor,
+    cluster,
+    fit_assign,
+    resolve_preprocess,
+)
 from phisearch.indexer.config import PhiConfig
 from phisearch.indexer.pipeline import BuildConfig, build
 from phisearch.indexer.store import StoreConfig, StoreError, open_store
@@ -66,6 +72,7 @@ def test_hdbscan_labels_every_point_and_rerun_replaces(store_cfg):
     assert first["method"] == "hdbscan" and first["clusters"] >= 1
     doc = check_consistent(store_cfg)
     assert doc["noise"] == first["noise"] and len(doc["clusters"]) == first["clusters"]
+    assert doc["preprocess"] == "pca16"   # auto: the mid readout is not whitened; 16 channels
     assert doc["clusters"][0]["size"] == max(c["size"] for c in doc["clusters"])  # 0 = largest
     # re-run with another method: replaced, not added (same count, one id per point)
     again = cluster(store_cfg, ClusterConfig(method="kmeans", k=3, preprocess="raw"))
@@ -109,6 +116,8 @@ def test_preprocess_and_errors(tmp_path):
     z = Preprocessor.fit(x, "pca", 4)(x)
     assert z.shape == (50, 4) and abs(z.mean()) < 1e-4
     assert np.allclose(np.linalg.norm(Preprocessor.fit(x, "l2", 4)(x), axis=1), 1.0)
+    assert resolve_preprocess("auto", "blocks+white64") == "l2"
+    assert resolve_preprocess("auto", "mid") == "pca" and resolve_preprocess("raw", "x") == "raw"
     labels, strength, _ = fit_assign(x, ClusterConfig(method="kmeans", k=60))  # k clamped
     assert len(set(labels)) <= 50 and strength.min() >= 0
     with pytest.raises(ValueError, match="unknown method"):

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .cli_common import (ApiKeyOpt, CheckpointOpt, CollectionOpt, DataOpt, DeviceOpt, JsonOpt,
+from .cli_common import (StagedProgress, ApiKeyOpt, CheckpointOpt, CollectionOpt, DataOpt, DeviceOpt, JsonOpt,
                          StoreOpt, UrlOpt, UserError, emit_json, progress, store_config)
 
 
@@ -292,22 +292,8 @@ def cluster(
                         preprocess=preprocess, pca_dims=pca_dims,
                         sample_above=sample_above, seed=seed)
     scfg = store_config(store, qdrant_url, api_key, collection)
-    bars: dict = {}
-
-    def on_progress(stage: str, done: int, total: int) -> None:
-        if bars.get("stage") != stage:
-            if bars.get("bar") is not None:
-                bars["bar"].close()
-            bars["bar"] = progress(total=total, desc=stage,
-                                   unit="img" if stage != "fit" else "pt")
-            bars["stage"] = stage
-        bars["bar"].update(done - bars["bar"].n)
-
-    try:
+    with StagedProgress(lambda s: "pt" if s == "fit" else "img") as on_progress:
         result = run(scfg, cfg, on_progress)
-    finally:
-        if bars.get("bar") is not None:
-            bars["bar"].close()
     if json_out:
         emit_json(result)
         return

@@ -68,3 +68,31 @@ def store_config(store: str | None, qdrant_url: str | None, api_key: str | None,
 
 def where(cfg) -> str:
     return cfg.url if cfg.url else f"{cfg.path} (collection {cfg.collection})"
+
+
+class StagedProgress:
+    """One progress bar per stage for library callbacks shaped (stage, done, total): a new bar
+    opens when the stage changes. Use as a context manager so the last bar is closed."""
+
+    def __init__(self, unit_for=lambda stage: "img"):
+        self.unit_for = unit_for
+        self.stage: str | None = None
+        self.bar = None
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage != self.stage:
+            self.close()
+            self.bar = progress(total=total, desc=stage, unit=self.unit_for(stage))
+            self.stage = stage
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def __enter__(self) -> "StagedProgress":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -12,8 +12,8 @@ from . import checkpoint as ckpt
 from .config import PhiConfig
 from .phi import MID, features
 from .readout import Readout
+from .store import SCHEMA_VERSION
 
-SCHEMA_VERSION = 1
 
 
 def pick_device(name: str = "auto") -> torch.device:

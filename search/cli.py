@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from phisearch.indexer.cli_common import (
+from phisearch.indexer.cli_common import (StagedProgress, 
     ApiKeyOpt,
     CheckpointOpt,
     CollectionOpt,
@@ -330,28 +330,13 @@ def analyze(
 
     Example: idx analyze --data imagenette-test-000000.tar --images 256 --out docs/analyze
     """
-    from phisearch.indexer.cli_common import progress
 
     from . import analyze as an
 
     cfg = an.AnalyzeConfig(images=images, sigma=sigma, draws=draws, seed=seed,
                            stability_images=stability_images)
-    bars: dict = {}
-
-    def on_progress(stage: str, done: int, total: int) -> None:
-        if bars.get("stage") != stage:
-            if bars.get("bar") is not None:
-                bars["bar"].close()
-            bars["bar"] = progress(total=total, desc=stage,
-                                   unit="img" if stage == "blocks" else "σ")
-            bars["stage"] = stage
-        bars["bar"].update(done - bars["bar"].n)
-
-    try:
+    with StagedProgress(lambda s: "img" if s == "blocks" else "σ") as on_progress:
         result = an.analyze(checkpoint, list(data), out, cfg, on_progress)
-    finally:
-        if bars.get("bar") is not None:
-            bars["bar"].close()
     if json_out:
         emit_json(result)
         return

@@ -49,11 +49,12 @@ def setup_logging(verbose: bool = False) -> None:
                         format="%(levelname)s %(name)s: %(message)s")
 
 
-def progress(total: int | None = None, desc: str = "", unit: str = "img"):
+def progress(total: int | None = None, desc: str = "", unit: str = "img", disable: bool = False):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True,
-                disable=os.environ.get("PHISEARCH_NO_PROGRESS") == "1", smoothing=0.1)
+                disable=disable or os.environ.get("PHISEARCH_NO_PROGRESS") == "1",
+                smoothing=0.1)
 
 
 def store_config(store: str | None, qdrant_url: str | None, api_key: str | None,
@@ -91,7 +92,7 @@ class StagedProgress:
             self.bar.close()
             self.bar = None
 
-    def __enter__(self) -> "StagedProgress":
+    def __enter__(self) -> StagedProgress:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -6,12 +6,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from phisearch.indexer.cli_common import (StagedProgress, 
+from phisearch.indexer.cli_common import (
     ApiKeyOpt,
     CheckpointOpt,
     CollectionOpt,
     DeviceOpt,
     JsonOpt,
+    StagedProgress,
     StoreOpt,
     UrlOpt,
     UserError,
@@ -111,7 +112,7 @@ def eval_cmd(
         "(default: the checkpoint's, else mid).")] = None,
     readouts: Annotated[str, typer.Option(
         "--readouts", help="Readouts compared for the trained and the untrained network "
-        "(comma-separated).")] = "mid,blocks,mid+white64,blocks+white64",
+        "(comma-separated).")] = "mid,blocks,mid+white64,blocks+white64,blocks+white64+l2,blocks+white128+l2",
     limit_queries: Annotated[int | None, typer.Option("--limit-queries", min=1)] = None,
     limit_gallery: Annotated[int | None, typer.Option("--limit-gallery", min=1)] = None,
     sigma: Annotated[float | None, typer.Option(
@@ -346,8 +347,54 @@ def analyze(
     typer.echo(f"wrote {', '.join(result['files'])} to {out} in {result['seconds']} s", err=True)
 
 
+def serve(
+    store: StoreOpt = None,
+    qdrant_url: UrlOpt = None,
+    api_key: ApiKeyOpt = None,
+    collection: CollectionOpt = "phisearch",
+    host: Annotated[str, typer.Option(
+        "--host", help="Interface to listen on (127.0.0.1: this machine only; 0.0.0.0 in a "
+        "container).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8000,
+    device: Annotated[str, typer.Option(
+        "--device", help="cpu | cuda | auto, for uploads' φ (cpu = what idx query computes).")
+    ] = "cpu",
+    max_bytes: Annotated[int, typer.Option(
+        "--max-bytes", min=1, help="Largest request body; larger ones get 413.")
+    ] = 20 * 1024 * 1024,
+    busy_wait: Annotated[float, typer.Option(
+        "--busy-wait", min=0, help="Edge: seconds a request waits for a store held by another "
+        "process (idx build) before answering 503 busy.")] = 1.0,
+    hold: Annotated[float, typer.Option(
+        "--hold", min=0, help="Edge: idle seconds serve keeps the store open after a request "
+        "(0: open and close per request, so idx build can start any time; >0: faster "
+        "requests, but a build gets the store only in an idle gap).")] = 0.0,
+) -> None:
+    """Serve φ and search over HTTP (FastAPI): GET /healthz, POST /phi, POST /search.
+    Uploads are embedded with the collection's own model and φ settings. With an Edge store,
+    each request opens and closes it, so idx build can run meanwhile (requests then get 503).
+
+    Example: idx serve --store ~/.phisearch/store --port 8000
+    (then: curl -F file=@photo.jpg 'http://127.0.0.1:8000/search?k=5')
+    """
+    import uvicorn
+
+    from .serve import create_app
+
+    scfg = store_config(store, qdrant_url, api_key, collection)
+    if scfg.path and not (Path(scfg.path).expanduser() / collection / "meta.json").is_file():
+        typer.echo(f"warning: no collection {collection} in {scfg.path} yet; /healthz "
+                   "answers 503 until idx build has run", err=True)
+    app = create_app(scfg, device=device, max_bytes=max_bytes, busy_wait=busy_wait,
+                     hold_s=hold)
+    typer.echo(f"phisearch serve: http://{host}:{port}  ({where(scfg)}; Ctrl-C to stop)",
+               err=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+
+
 def register(app: typer.Typer) -> None:
     app.command()(query)
+    app.command()(serve)
     app.command()(reconstruct)
     app.command("eval")(eval_cmd)
     app.command()(analyze)

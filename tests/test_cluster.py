@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -35,10 +38,31 @@ def built_store(tmp_path_factory, mini_shard) -> Path:
     return root / "store"
 
 
-@pytest.fixture
-def store_cfg(built_store, tmp_path) -> StoreConfig:
-    shutil.copytree(built_store, tmp_path / "store")
-    return StoreConfig(path=str(tmp_path / "store"), collection="phisearch")
+@pytest.fixture(params=["edge", pytest.param("server", marks=pytest.mark.server)])
+def store_cfg(request, built_store, tmp_path, mini_shard) -> Iterator[StoreConfig]:
+    """Edge: a copy of the module's store. Server (QDRANT_URL): the same build into a fresh
+    collection, dropped afterwards."""
+    if request.param == "edge":
+        shutil.copytree(built_store, tmp_path / "store")
+        yield StoreConfig(path=str(tmp_path / "store"), collection="phisearch")
+        return
+    url = os.environ.get("QDRANT_URL")
+    if not url:
+        pytest.skip("QDRANT_URL not set: no Qdrant server on this machine")
+    cfg = StoreConfig(url=url, api_key=os.environ.get("QDRANT_API_KEY"),
+                      collection=f"test_cluster_{uuid.uuid4().hex[:8]}")
+    build(BuildConfig(data=(mini_shard,), store=cfg, checkpoint=str(built_store.parent /
+                      "tiny.safetensors"), phi=PhiConfig(sigma=0.2, draws=1, seed=0),
+                      batch_size=50, workers=0, device="cpu"))
+    yield cfg
+    with open_store(cfg) as st:
+        st.drop()
+
+
+def store_args(cfg: StoreConfig) -> list[str]:
+    """The CLI flags naming cfg's store (the API key comes from QDRANT_API_KEY)."""
+    return ["--qdrant-url", cfg.url, "--collection", cfg.collection] if cfg.url else \
+        ["--store", cfg.path]
 
 
 def labels_of(cfg: StoreConfig) -> dict[str, tuple[int, float]]:
@@ -87,7 +111,7 @@ def test_cli_kmeans_k5_and_filter(store_cfg, monkeypatch):
 
     monkeypatch.setenv("PHISEARCH_NO_PROGRESS", "1")
     res = CliRunner().invoke(app, ["cluster", "--method", "kmeans", "--k", "5", "--preprocess",
-                                   "l2", "--store", store_cfg.path, "--json"])
+                                   "l2", "--json", *store_args(store_cfg)])
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     assert out["method"] == "kmeans" and 1 <= out["clusters"] <= 5 and out["noise"] == 0
@@ -96,7 +120,7 @@ def test_cli_kmeans_k5_and_filter(store_cfg, monkeypatch):
         c = doc["clusters"][0]
         hits = list(st.scroll({"cluster_id": c["id"]}))
         assert len(hits) == c["size"] and all(h.payload["cluster_id"] == c["id"] for h in hits)
-    res = CliRunner().invoke(app, ["cluster", "--method", "spectral", "--store", store_cfg.path])
+    res = CliRunner().invoke(app, ["cluster", "--method", "spectral", *store_args(store_cfg)])
     assert res.exit_code == 2
 
 

@@ -1,0 +1,310 @@
+"""`idx serve`: φ and search over HTTP (FastAPI), for services that hold no model of their own.
+
+Endpoints (all JSON):
+  GET  /healthz   200 {"status": "ok", collection, points, model_sha256, ...}
+                  503 {"status": "unhealthy", "reason": ...} (no collection, store busy, server down)
+  POST /phi       an image (multipart file or raw body) -> its φ with the COLLECTION's model and
+                  settings (Embedder.from_meta): {"phi", "phi_sparse": {"indices", "values"},
+                  "model_sha256", "readout", "sigma", "draws", "seed"}
+  POST /search    an image, ?k=&label=&cluster=&dataset= -> {"hits": [CONTRACT hit shape]}
+Errors: 413 body over max_bytes; 400 undecodable bytes (empty, not an image, corrupt); 422 a
+decodable but unusable image (too small / too many pixels); 503 busy or no collection.
+
+Edge ownership (Qdrant Edge allows one open handle per shard, STACK.md): by default serve never
+holds the store between requests (`hold_s` = 0). Each request opens it once (waiting up to
+`busy_wait`, default 1 s), reads, embeds, searches and closes it, under one in-process lock so
+requests of this server never contend with each other. While `idx build` (or `idx cluster`,
+the UI...) holds the store, requests get 503 {"error": "busy"} with `Retry-After: 1`; a build
+can start at any time while serve runs. Opening costs ~140 ms at 13k points (measured on the
+imagenette index), so `hold_s` > 0 keeps the handle until that many idle seconds have passed:
+fast, but a build can then start only in an idle gap. A Qdrant server has no such limit: one
+client is kept for the life of the process.
+The model is loaded once per collection identity (model, readout, φ settings) and cached.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
+
+import numpy as np
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import JSONResponse
+from phisearch.indexer import images
+from phisearch.indexer.embedder import Embedder, sparse_of
+from phisearch.indexer.store import Store, StoreBusy, StoreConfig, StoreError, open_store
+from starlette.concurrency import run_in_threadpool
+
+from . import query as q
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+MAX_BYTES = 20 * 1024 * 1024     # default request body limit
+UNDECODABLE = {"empty", "not_an_image", "corrupt_image"}   # -> 400; other BadImage -> 422
+_IDENTITY = ("model_sha256", "checkpoint", "readout", "sigma", "draws", "seed")
+
+
+class ApiError(Exception):
+    """An error that becomes one JSON response: {"error": code, "message": ...}."""
+
+    def __init__(self, status: int, code: str, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.extra = status, code, message, extra
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    store: StoreConfig
+    device: str = "cpu"              # φ of uploads as `idx query` computes it (CPU fp32)
+    max_bytes: int = MAX_BYTES       # request body limit -> 413
+    busy_wait: float = 1.0           # Edge: seconds to wait for a held store before 503
+    hold_s: float = 0.0              # Edge: idle seconds a handle stays open (0: per request)
+    max_k: int = 1000
+
+
+class Service:
+    """The store access rule and the model cache, shared by all requests of one process."""
+
+    def __init__(self, cfg: ServeConfig) -> None:
+        self.cfg = cfg
+        self.store_cfg = replace(cfg.store, busy_wait=cfg.busy_wait)
+        self._store_lock = threading.Lock()      # Edge: one handle at a time in this process
+        self._model_lock = threading.Lock()
+        self._held: Store | None = None          # a server client, or an Edge handle in hold_s
+        self._timer: threading.Timer | None = None
+        self._last_used = 0.0
+        self._models: dict[str, Embedder] = {}
+
+    @property
+    def where(self) -> str:
+        s = self.store_cfg
+        return f"Qdrant at {s.url} collection {s.collection}" if s.url else \
+            f"store {s.path} collection {s.collection}"
+
+    @contextmanager
+    def store(self) -> Iterator[Store]:
+        """The store for one request (see the module docstring for who holds what, when)."""
+        if self.store_cfg.url:     # a server client is thread-safe and kept
+            with self._store_lock:
+                if self._held is None:
+                    self._held = self._open()
+            yield self._held
+            return
+        with self._store_lock:
+            if self._held is None:
+                self._held = self._open()
+            try:
+                yield self._held
+            finally:
+                self._last_used = time.monotonic()
+                # a collection that did not exist yet is looked for again next time
+                if self.cfg.hold_s <= 0 or getattr(self._held, "shard", True) is None:
+                    self._release()
+                else:
+                    self._arm()
+
+    def _open(self) -> Store:
+        try:
+            return open_store(self.store_cfg)
+        except StoreBusy as e:
+            raise ApiError(503, "busy", f"{e}; retry", retry_after=1) from None
+        except StoreError as e:
+            raise ApiError(503, "store_unavailable", str(e)) from None
+
+    def _arm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = threading.Timer(self.cfg.hold_s, self._release_if_idle)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _release_if_idle(self) -> None:
+        with self._store_lock:
+            if time.monotonic() - self._last_used >= self.cfg.hold_s - 1e-3:
+                self._release()
+
+    def _release(self) -> None:
+        """Close the held handle (caller holds _store_lock)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._held is not None:
+            try:
+                self._held.close()
+            finally:
+                self._held = None
+
+    def read(self, fn: Callable[[Store, dict], T]) -> T:
+        """fn(store, meta) with the collection's metadata; 503 when there is no collection."""
+        with self.store() as st:
+            meta = st.meta()
+            if meta is None:
+                raise ApiError(503, "no_collection", f"no collection in {self.where}: run "
+                               "`idx build --data ...` first")
+            return fn(st, meta)
+
+    def embedder(self, meta: dict) -> Embedder:
+        """The collection's model and φ settings, loaded once and cached by identity."""
+        ident = json.dumps({k: meta.get(k) for k in _IDENTITY}, sort_keys=True)
+        with self._model_lock:
+            emb = self._models.get(ident)
+            if emb is None:
+                try:
+                    emb = Embedder.from_meta(meta, self.cfg.device)
+                except (ValueError, OSError, KeyError) as e:
+                    raise ApiError(503, "model_unavailable",
+                                   f"cannot load the collection's model: {e}") from None
+                self._models[ident] = emb
+                log.info("loaded model %s for %s", emb.checkpoint.sha256[:12], self.where)
+            return emb
+
+    def embed(self, data: bytes, meta: dict) -> tuple[np.ndarray, np.ndarray, Embedder]:
+        """Bytes -> (dense (dim,), middle-block means (C,)), exactly as indexing computes them."""
+        try:
+            img = images.decode(data)
+        except images.BadImage as e:
+            status = 400 if e.reason in UNDECODABLE else 422
+            raise ApiError(status, "bad_image", f"cannot use this image: {e}",
+                           reason=e.reason) from None
+        emb = self.embedder(meta)
+        dense, mid = emb(img[None])
+        return dense[0], mid[0], emb
+
+    def health(self) -> dict:
+        def fn(st: Store, meta: dict) -> dict:
+            return {"status": "ok", "backend": st.backend, "collection": self.store_cfg.collection,
+                    "points": st.count(), "model_sha256": meta.get("model_sha256"),
+                    "readout": meta.get("readout"), "sigma": meta.get("sigma"),
+                    "draws": meta.get("draws"), "seed": meta.get("seed"), "dim": meta.get("dim"),
+                    "schema_version": meta.get("schema_version"),
+                    "model_loaded": any(e.checkpoint.sha256 == meta.get("model_sha256")
+                                        for e in self._models.values())}
+        return self.read(fn)
+
+    def phi(self, data: bytes) -> dict:
+        # meta under the store lock, the model pass outside it: a φ never blocks `idx build`
+        meta = self.read(lambda st, m: m)
+        dense, mid, emb = self.embed(data, meta)
+        (idx, vals), = sparse_of(mid[None])
+        return {"phi": dense.astype(np.float32).tolist(),
+                "phi_sparse": {"indices": idx, "values": vals},
+                "model_sha256": emb.checkpoint.sha256, "readout": emb.readout.label,
+                "sigma": float(emb.phi.sigma), "draws": int(emb.phi.effective_draws),
+                "seed": int(emb.phi.seed), "dim": int(dense.shape[0])}
+
+    def search(self, data: bytes, k: int, flt: dict | None) -> dict:
+        """One store open per request: meta, φ (tens of ms) and the search under one handle;
+        opening an Edge shard costs more than the φ pass."""
+        def fn(st: Store, meta: dict) -> dict:
+            dense, mid, _ = self.embed(data, meta)
+            hits = q.search(st, q.Target(dense, mid), k, flt)
+            return {"hits": [q.hit_json(h) for h in hits], "query": {"k": k, "filter": flt or {}},
+                    "model_sha256": meta.get("model_sha256")}
+        return self.read(fn)
+
+    def close(self) -> None:
+        with self._store_lock:
+            self._release()
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The request body, refused with 413 once it passes max_bytes (declared or streamed)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise ApiError(413, "too_large", f"request body of {int(declared)} bytes is over the "
+                       f"limit of {max_bytes} bytes", max_bytes=max_bytes)
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > max_bytes:
+            raise ApiError(413, "too_large", f"request body is over the limit of {max_bytes} "
+                           "bytes", max_bytes=max_bytes)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def image_bytes(request: Request, max_bytes: int) -> bytes:
+    """The uploaded image: the first file of a multipart form (any field name), else the raw
+    body (any content type)."""
+    body = await read_body(request, max_bytes)
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        return body
+
+    async def replay() -> dict:   # the form parser reads the body we already hold
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request(request.scope, replay).form()
+    except Exception as e:  # noqa: BLE001 - any malformed form is the client's error
+        raise ApiError(400, "bad_form", f"cannot parse the multipart form: {e}") from None
+    try:
+        for _, value in form.multi_items():
+            if hasattr(value, "read"):
+                return await value.read()
+    finally:
+        await form.close()
+    raise ApiError(400, "no_file", "the multipart form holds no file: send the image as a file "
+                   "field (curl -F file=@photo.jpg) or as the raw body")
+
+
+def create_app(store_cfg: StoreConfig, device: str = "cpu", max_bytes: int = MAX_BYTES,
+               busy_wait: float = 1.0, hold_s: float = 0.0, warm: bool = True) -> FastAPI:
+    """The HTTP app over one collection. warm: load the model at start-up when the collection
+    is readable (else on the first request)."""
+    svc = Service(ServeConfig(store=store_cfg, device=device, max_bytes=max_bytes,
+                              busy_wait=busy_wait, hold_s=hold_s))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if warm:
+            try:
+                await run_in_threadpool(lambda: svc.embedder(svc.read(lambda st, m: m)))
+            except ApiError as e:
+                log.warning("model not loaded at start-up (%s); will load on first request",
+                            e.message)
+        yield
+        svc.close()
+
+    app = FastAPI(title="phisearch", lifespan=lifespan,
+                  description="φ of an image and nearest neighbours, with the collection's model.")
+    app.state.service = svc
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError) -> JSONResponse:
+        headers = {"Retry-After": str(e.extra["retry_after"])} if "retry_after" in e.extra \
+            else None
+        return JSONResponse({"error": e.code, "message": e.message, **e.extra},
+                            status_code=e.status, headers=headers)
+
+    @app.get("/healthz")
+    async def healthz() -> JSONResponse:
+        try:
+            return JSONResponse(await run_in_threadpool(svc.health))
+        except ApiError as e:
+            return JSONResponse({"status": "unhealthy", "reason": e.message, "error": e.code},
+                                status_code=503)
+
+    @app.post("/phi")
+    async def phi(request: Request) -> dict:
+        data = await image_bytes(request, svc.cfg.max_bytes)
+        return await run_in_threadpool(svc.phi, data)
+
+    @app.post("/search")
+    async def search(request: Request,
+                     k: int = Query(10, ge=1, le=1000, description="hits to return"),
+                     label: int | None = Query(None, description="only this label"),
+                     cluster: int | None = Query(None, description="only this cluster_id"),
+                     dataset: str | None = Query(None, description="only this dataset")) -> dict:
+        data = await image_bytes(request, svc.cfg.max_bytes)
+        flt = {key: v for key, v in (("label", label), ("cluster_id", cluster),
+                                     ("dataset", dataset)) if v is not None}
+        return await run_in_threadpool(svc.search, data, k, flt or None)
+
+    return app

@@ -3,12 +3,28 @@ Heavy imports (torch) happen inside the commands so `idx --help` stays fast."""
 
 from __future__ import annotations
 
+import signal
+import threading
+import time
 from typing import Annotated
 
 import typer
 
-from .cli_common import (StagedProgress, ApiKeyOpt, CheckpointOpt, CollectionOpt, DataOpt, DeviceOpt, JsonOpt,
-                         StoreOpt, UrlOpt, UserError, emit_json, progress, store_config)
+from .cli_common import (
+    ApiKeyOpt,
+    CheckpointOpt,
+    CollectionOpt,
+    DataOpt,
+    DeviceOpt,
+    JsonOpt,
+    StagedProgress,
+    StoreOpt,
+    UrlOpt,
+    UserError,
+    emit_json,
+    progress,
+    store_config,
+)
 
 
 def train(
@@ -37,7 +53,8 @@ def train(
 
     Example: idx train --data 'imagenette-train-{000000..000009}.tar' --out runs/s64 --minutes 45
     """
-    from .train import TrainConfig, train as run
+    from .train import TrainConfig
+    from .train import train as run
 
     if minutes is None and steps is None:
         raise typer.BadParameter("give --minutes or --steps", param_hint="--minutes")
@@ -75,7 +92,8 @@ def denoise_eval(
     """
     from . import checkpoint as ckpt
     from .shards import expand
-    from .train import denoise_eval as run, load_images, pick_device
+    from .train import denoise_eval as run
+    from .train import load_images, pick_device
 
     c = ckpt.load(checkpoint, pick_device(device))
     table = run(c.model, load_images(expand(data), images), seed=seed)
@@ -119,7 +137,8 @@ def embed(
 
 
 def build(
-    data: DataOpt,
+    data: Annotated[list[str], typer.Option("--data", help="Shard path, brace pattern, pipe: "
+                    "command, or a folder of images (kept in sync); repeatable.")],
     store: StoreOpt = None,
     qdrant_url: UrlOpt = None,
     api_key: ApiKeyOpt = None,
@@ -133,19 +152,52 @@ def build(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
     workers: Annotated[int, typer.Option("--workers", min=0, help="Decoding processes.")] = 1,
     dataset: Annotated[str | None, typer.Option(
-        "--dataset", help="Dataset name when the shards' folder has no manifest.json.")] = None,
+        "--dataset", help="Dataset name when the shards' folder has no manifest.json; for a "
+        "folder, instead of the folder's name.")] = None,
+    hash_files: Annotated[bool, typer.Option(
+        "--hash", help="Folders: detect changed files by content hash, not size and mtime.")
+    ] = False,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Print what a sync would do (new, changed, deleted, unchanged files; "
+        "shards to index) and change nothing.")] = False,
+    watch: Annotated[bool, typer.Option(
+        "--watch", help="After the sync, keep watching the folders and sync what changes, one "
+        "line (with --json, one JSON object) per sync; Ctrl-C stops after the current batch.")
+    ] = False,
     device: DeviceOpt = "auto",
+    distributed: Annotated[bool | None, typer.Option(
+        "--distributed/--no-distributed", help="One rank per process under torchrun; rank 0 "
+        "writes (default: on when torchrun set WORLD_SIZE > 1).")] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Index shards into the store (embedded Qdrant Edge by default). Rerun to resume: finished
-    shards are skipped, unfinished and changed ones are redone.
+    """Index shards and folders into the store (embedded Qdrant Edge by default). Rerun to
+    resume: finished shards and unchanged files are skipped, unfinished and changed ones are
+    redone, and the points of files deleted from a folder are removed.
 
     Example: idx build --data 'imagenette-train-{000000..000009}.tar'
+    Example: idx build --data ~/Pictures --watch
+    Several GPUs: torchrun --nproc-per-node 4 -m phisearch.ui build --data ... --json
     """
     from .config import PhiConfig
-    from .pipeline import BuildConfig, build as run
+    from .distributed import launched_by_torchrun, rank
+    from .pipeline import BuildConfig
+    from .pipeline import build as run
+
+    distributed = launched_by_torchrun() if distributed is None else distributed
+    if distributed:
+        from .distributed import build_distributed as run
 
     scfg = store_config(store, qdrant_url, api_key, collection)
+    if dry_run and watch:
+        raise typer.BadParameter("--dry-run and --watch exclude each other", param_hint="--watch")
+    if dry_run:
+        from .sync import dry_run as plan_only
+
+        _print_dry_run(plan_only(BuildConfig(data=tuple(data), store=scfg, dataset=dataset,
+                                             hash_files=hash_files)), json_out)
+        return
+    if watch and distributed:
+        raise typer.BadParameter("--watch runs in one process", param_hint="--distributed")
     phi = PhiConfig(sigma=sigma, draws=draws, seed=seed, readout=readout or "mid")
     if readout is None:  # the checkpoint's default readout
         from . import checkpoint as ckpt
@@ -153,20 +205,37 @@ def build(
         phi = PhiConfig(sigma=sigma, draws=draws, seed=seed,
                         readout=ckpt.load(checkpoint).info.get("readout", "mid"))
     cfg = BuildConfig(data=tuple(data), store=scfg, checkpoint=checkpoint, phi=phi,
-                      batch_size=batch_size, workers=workers, device=device, dataset=dataset)
-    bar = progress(desc="build")
+                      batch_size=batch_size, workers=workers, device=device, dataset=dataset,
+                      hash_files=hash_files)
+    bar = progress(desc="build", disable=rank() != 0)   # rank 0 reports for all ranks
 
     def on_progress(p: dict) -> None:
         bar.update(p["batch"])
         bar.set_postfix(written=p["written"], skipped=p["skipped"], refresh=False)
 
+    stop = threading.Event()
+    previous = signal.getsignal(signal.SIGINT) if distributed else _stop_on_sigint(stop)
     try:
-        summary = run(cfg, on_progress)
+        if watch:
+            from .sync import watch as run_watch
+
+            def on_sync(summary: dict) -> None:
+                bar.close()  # the initial sync's bar; later syncs print one line each
+                _print_sync(summary, json_out)
+
+            run_watch(cfg, on_sync, on_progress, stop)
+            typer.echo("stopped watching; everything synced is stored", err=True)
+            return
+        summary = run(cfg, on_progress) if distributed else run(cfg, on_progress, stop)
     except KeyboardInterrupt:
         bar.close()
-        raise UserError("interrupted: finished shards are recorded; rerun the same command "
-                        "to resume") from None
+        raise UserError("interrupted: finished shards and files are recorded; rerun the same "
+                        "command to resume") from None
+    finally:
+        signal.signal(signal.SIGINT, previous)
     bar.close()
+    if summary is None:   # a distributed rank other than 0: rank 0 prints the summary
+        return
     if json_out:
         emit_json(summary)
         return
@@ -179,11 +248,50 @@ def build(
                f"({st['upsert_points_per_s']} points/s, in the background)", err=True)
     typer.echo(f"shards: {summary['shards_indexed']} indexed, {summary['shards_already_done']} "
                f"already done, {summary['shards_changed']} changed", err=True)
+    if summary.get("folders"):
+        typer.echo(f"folder files: {summary['new']} new, {summary['changed']} changed, "
+                   f"{summary['deleted']} deleted, {summary['unchanged']} unchanged", err=True)
     if summary["skipped"]:
         typer.echo("skipped: " + ", ".join(f"{k} {v}" for k, v in summary["skipped"].items()),
                    err=True)
         for s in summary["skipped_samples"][:20]:
             typer.echo(f"  {s['shard']} {s['key'] or '-'}: {s['reason']} {s['detail']}", err=True)
+
+
+def _stop_on_sigint(stop: threading.Event):
+    """First Ctrl-C: finish the current batch, store everything, stop. Second: abort now."""
+
+    def handler(signum: int, frame: object) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        typer.echo("stopping after the current batch (Ctrl-C again to abort)", err=True)
+
+    return signal.signal(signal.SIGINT, handler)
+
+
+def _print_sync(s: dict, json_out: bool) -> None:
+    """One line per sync (watch mode): a JSON object on stdout with --json, else text."""
+    if json_out:
+        emit_json({k: v for k, v in s.items() if k != "skipped_samples"})
+        return
+    skipped = ", ".join(f"{k} {v}" for k, v in s["skipped"].items()) or "0"
+    typer.echo(f"{time.strftime('%H:%M:%S')} sync: {s['new']} new, {s['changed']} changed, "
+               f"{s['deleted']} deleted, {s['unchanged']} unchanged; indexed {s['indexed']}, "
+               f"skipped {skipped} in {s['seconds']:.1f} s; {s['points']} points", err=True)
+
+
+def _print_dry_run(s: dict, json_out: bool) -> None:
+    if json_out:
+        emit_json(s)
+        return
+    typer.echo(f"dry run (nothing changed): {s['new']} new, {s['changed']} changed, "
+               f"{s['deleted']} deleted, {s['unchanged']} unchanged files; shards: "
+               f"{s['shards_to_index']} new, {s['shards_changed']} changed, "
+               f"{s['shards_already_done']} done")
+    for root, f in s["folders"].items():
+        typer.echo(f"  {root} ({f['dataset']}): {f['new']} new, {f['changed']} changed, "
+                   f"{f['deleted']} deleted, {f['unchanged']} unchanged")
 
 
 def status(
@@ -204,6 +312,9 @@ def status(
     st = run(scfg)
     if st is None:
         raise UserError(f"no collection in {where(scfg)}: run `idx build --data ...` first")
+    from .aliases import overview
+
+    st["collections"] = overview(scfg)
     if json_out:
         emit_json(st)
         return
@@ -216,6 +327,12 @@ def status(
     if st.get("last_run"):
         lr = st["last_run"]
         typer.echo(f"last run: {lr['indexed']} indexed at {lr['img_per_s']} img/s")
+    if len(st["collections"]) > 1 or any(c["aliases"] for c in st["collections"]):
+        typer.echo("collections:")
+        for c in st["collections"]:
+            alias = f"  (aliases: {', '.join(c['aliases'])})" if c["aliases"] else ""
+            typer.echo(f"  {c['name']}: model {str(c['model_sha256'])[:12]} ({c['checkpoint']}), "
+                       f"readout {c['readout']}, sigma {c['sigma']}, draws {c['draws']}{alias}")
 
 
 def fit_readout(
@@ -230,6 +347,8 @@ def fit_readout(
     limit: Annotated[int | None, typer.Option("--limit", min=10, help="Images used.")] = None,
     default: Annotated[bool, typer.Option("--default/--no-default",
                                           help="Make it the checkpoint's default readout.")] = True,
+    l2: Annotated[bool, typer.Option("--l2/--no-l2", help="L2-normalize after whitening "
+                                     "(readout label ends in +l2).")] = False,
 ) -> None:
     """Fit a whitened readout (PCA to DIMS, unit variance) on training shards and store it in
     the checkpoint; the weights and the model's sha256 stay the same.
@@ -241,7 +360,7 @@ def fit_readout(
 
     bar = progress(desc="fit-readout")
     label = fit_into_checkpoint(checkpoint, expand(data), readout, dims, sigma, draws, seed,
-                                limit, default, on_batch=bar.update)
+                                limit, default, on_batch=bar.update, l2=l2)
     bar.close()
     typer.echo(f"stored readout {label} in {checkpoint}", err=True)
 
@@ -305,6 +424,60 @@ def cluster(
         typer.echo(f"sizes: largest {sizes[:10]}{' ...' if len(sizes) > 10 else ''}", err=True)
 
 
+def export(
+    to_url: Annotated[str | None, typer.Option(
+        "--to-url", help="Destination: a Qdrant server URL.")] = None,
+    to_store: Annotated[str | None, typer.Option(
+        "--to-store", help="Destination: another Edge store folder (instead of --to-url).")
+    ] = None,
+    api_key: Annotated[str | None, typer.Option(
+        "--api-key", envvar="QDRANT_API_KEY", help="The destination server's API key.")] = None,
+    to_collection: Annotated[str | None, typer.Option(
+        "--to-collection", help="Destination collection (default: the source's name).")] = None,
+    store: StoreOpt = None,
+    collection: CollectionOpt = "phisearch",
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, max=4096,
+                                            help="Points per page.")] = 256,
+    limit: Annotated[int | None, typer.Option(
+        "--limit", min=1, help="Stop after writing N points (a trial run; rerun resumes).")
+    ] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Copy an Edge collection (points, vectors, payloads, resume records, clusters) into a Qdrant
+    server, or another Edge folder. Rerun to resume: points already there are skipped.
+
+    Example: idx export --store ~/.phisearch/store --to-url http://qdrant:6333 --json
+    """
+    from .export import ExportConfig
+    from .export import export as run
+
+    if (to_url is None) == (to_store is None):
+        raise typer.BadParameter("give exactly one of --to-url and --to-store",
+                                 param_hint="--to-url")
+    src = store_config(store, None, None, collection)
+    dst = store_config(to_store, to_url, api_key, to_collection or collection)
+    bar = progress(desc="export", unit="pt")
+
+    def on_progress(p: dict) -> None:
+        bar.total = p["total"]
+        bar.update(p["page"])
+        bar.set_postfix(written=p["exported"], skipped=p["skipped"], refresh=False)
+
+    try:
+        summary = run(ExportConfig(source=src, dest=dst, batch_size=batch_size, limit=limit),
+                      on_progress)
+    finally:
+        bar.close()
+    if json_out:
+        emit_json(summary)
+        return
+    state = "done" if summary["complete"] else "stopped at --limit (rerun to continue)"
+    typer.echo(f"export {state}: {summary['exported']} points written, "
+               f"{summary['skipped_existing']} already there, in {summary['seconds']:.1f} s; "
+               f"{summary['destination']} holds {summary['points']} points; docs: "
+               f"{', '.join(summary['docs']) or 'none'}", err=True)
+
+
 def register(app: typer.Typer) -> None:
     app.command("fit-readout")(fit_readout)
     app.command()(train)
@@ -313,6 +486,10 @@ def register(app: typer.Typer) -> None:
     app.command()(build)
     app.command()(status)
     app.command()(cluster)
+    from . import cli_manage
+
+    cli_manage.register(app)
+    app.command()(export)
 
 
-__all__ = ["register", "UserError"]
+__all__ = ["UserError", "register"]

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import random
+import signal
 import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from . import images
+from .folders import FileEvent, FolderSource, scan
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,8 @@ class Sample:
     label: int | None = None
     label_name: str | None = None
     split: str | None = None
+    path: str | None = None  # folder sources: the file, so a hit can be opened
+    fp: list | None = None   # folder sources: the file's fingerprint (folders.Fingerprint)
 
 
 @dataclass
@@ -49,6 +53,7 @@ class Skip:
     key: str | None
     reason: str              # short counter key: corrupt_image, truncated_tar, no_image, ...
     detail: str = ""
+    fp: list | None = None   # folder files: recorded, so an unchanged bad file is not retried
 
 
 @dataclass
@@ -56,6 +61,8 @@ class Batch:
     samples: list[Sample] = field(default_factory=list)
     skips: list[Skip] = field(default_factory=list)
     shards_done: list[str] = field(default_factory=list)
+    events: list[FileEvent] = field(default_factory=list)   # folder files: unchanged, deleted
+    folders_done: list[str] = field(default_factory=list)   # folder roots this worker walked
 
     def images(self) -> np.ndarray:
         """(N, 64, 64, 3) uint8."""
@@ -190,12 +197,15 @@ def decode_sample(raw: dict, url: str, info: FolderInfo) -> Sample | Skip:
 
 
 class ShardStream(IterableDataset):
-    """Batches from shards. Each worker takes every k-th shard; with `repeat`, shards are
-    reshuffled and read again forever (training)."""
+    """Batches from shards and folders. Each worker takes every k-th shard; with `repeat`, shards
+    are reshuffled and read again forever (training). Every worker walks every folder and
+    decodes its share of the files (folders.owner), then reports the folder in folders_done."""
 
     def __init__(self, urls: list[str], batch_size: int, *, dataset: str | None = None,
-                 shuffle_buffer: int = 0, repeat: bool = False, seed: int = 0):
+                 shuffle_buffer: int = 0, repeat: bool = False, seed: int = 0,
+                 folders: list[FolderSource] = ()):
         self.urls = list(urls)
+        self.folders = list(folders)
         self.batch_size = batch_size
         self.dataset = dataset
         self.shuffle_buffer = shuffle_buffer
@@ -215,7 +225,8 @@ class ShardStream(IterableDataset):
         return urls[wid::n]
 
     def _items(self) -> Iterator[Sample | Skip | str]:
-        """Samples and skips; a bare string is the url of a shard that just ended."""
+        """Samples, skips and file events; a bare string is the url of a shard that just ended,
+        a ("folder_done", root) tuple a folder this worker finished."""
         epoch = 0
         while True:
             good = 0
@@ -226,6 +237,11 @@ class ShardStream(IterableDataset):
                     good += isinstance(item, Sample)
                     yield item
                 yield url
+            wi = torch.utils.data.get_worker_info()
+            wid, n = (wi.id, wi.num_workers) if wi else (0, 1)
+            for src in self.folders:
+                yield from scan(src, wid, n)
+                yield ("folder_done", src.root)
             epoch += 1
             if not self.repeat:
                 return
@@ -245,17 +261,32 @@ class ShardStream(IterableDataset):
                 batch.samples.append(item)
             elif isinstance(item, Skip):
                 batch.skips.append(item)
+            elif isinstance(item, FileEvent):
+                batch.events.append(item)
+            elif isinstance(item, tuple):
+                batch.folders_done.append(item[1])
             else:
                 batch.shards_done.append(item)
             if len(batch.samples) >= self.batch_size:
                 yield batch
                 batch = Batch()
-        if batch.samples or batch.skips or batch.shards_done:
+        if batch.samples or batch.skips or batch.shards_done or batch.events \
+                or batch.folders_done:
             yield batch
 
 
+def _worker_init(_: int) -> None:
+    # Ctrl-C reaches the whole process group: the main process decides how to stop (finish the
+    # current batch), so a worker killed by SIGINT mid-batch must not make that batch fail.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def loader(urls: list[str], batch_size: int, workers: int = 1, **kw) -> DataLoader:
-    """A DataLoader over ShardStream (batches are formed in the workers)."""
-    workers = max(0, min(workers, len(urls))) if not kw.get("repeat") else max(0, workers)
+    """A DataLoader over ShardStream (batches are formed in the workers). A folder is split
+    between all workers, so only shards cap the worker count."""
+    if not kw.get("repeat") and not kw.get("folders"):
+        workers = min(workers, len(urls))
+    workers = max(0, workers)
     return DataLoader(ShardStream(urls, batch_size, **kw), batch_size=None, num_workers=workers,
-                      persistent_workers=False, prefetch_factor=4 if workers else None)
+                      persistent_workers=False, prefetch_factor=4 if workers else None,
+                      worker_init_fn=_worker_init if workers else None)

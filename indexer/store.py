@@ -282,8 +282,11 @@ class EdgeStore(Store):
 
         self.qe = qe
         self.cfg = cfg
+        from .aliases import edge_resolve
+
         self.root = Path(cfg.path or "")
-        self.dir = self.root / check_name(cfg.collection, "collection")
+        self.name = edge_resolve(self.root, check_name(cfg.collection, "collection"))
+        self.dir = self.root / self.name
         self.shard_dir = self.dir / "shard"
         self.shard = None
         self._dim: int | None = None
@@ -292,7 +295,8 @@ class EdgeStore(Store):
 
     @property
     def where(self) -> str:
-        return f"store {self.root} collection {self.cfg.collection}"
+        alias = f" (alias of {self.name})" if self.name != self.cfg.collection else ""
+        return f"store {self.root} collection {self.cfg.collection}{alias}"
 
     def _edge_config(self, dim: int):
         qe = self.qe
@@ -310,7 +314,7 @@ class EdgeStore(Store):
                 if "WouldBlock" not in str(e):
                     raise StoreError(f"cannot open {self.where}: {e}") from e
                 if time.monotonic() >= deadline:
-                    raise StoreBusy(f"store {self.root} collection {self.cfg.collection} is in "
+                    raise StoreBusy(f"{self.where} is in "
                                     "use by another process (e.g. a running idx build); retry "
                                     "when it finishes") from None
                 log.info("%s is held by another handle; retrying", self.where)

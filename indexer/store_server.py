@@ -86,6 +86,12 @@ class ServerStore(Store):
                                    check_compatibility=False)
         with self._errors("connect"):   # fail here, clearly, rather than mid-command
             self.client.get_collections()
+            # An alias resolves once, at open: the companion metadata follows the real name.
+            aliases = {a.alias_name: a.collection_name
+                       for a in self.client.get_aliases().aliases}
+        if self.name in aliases:
+            self.name = aliases[self.name]
+            self.meta_name = self.name + META_SUFFIX
         self._dim: int | None = None
 
     @property

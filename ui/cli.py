@@ -6,7 +6,6 @@ import sys
 from typing import Annotated
 
 import typer
-
 from phisearch.indexer import cli as indexer_cli
 from phisearch.indexer.cli_common import DEBUG, UserError, setup_logging
 
@@ -54,10 +53,12 @@ def main() -> None:
     exit 1 (a traceback only with --debug)."""
     try:
         app()
-    except Exception as e:  # noqa: BLE001 - the one place errors become exit codes
+    except Exception as e:
         if DEBUG["on"]:
             raise
-        kind = "" if isinstance(e, (UserError, FileNotFoundError, ValueError)) else \
-            f"{type(e).__name__}: "
+        from phisearch.indexer.store import StoreError
+
+        plain = (UserError, StoreError, FileNotFoundError, ValueError)
+        kind = "" if isinstance(e, plain) else f"{type(e).__name__}: "
         typer.echo(f"error: {kind}{e}", err=True)
         sys.exit(1)

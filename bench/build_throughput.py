@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from phisearch.indexer.config import PhiConfig
 from phisearch.indexer.embedder import Embedder
 from phisearch.indexer.pipeline import BuildConfig, build

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from phisearch.indexer.store import PointData, StoreConfig, open_store, point_id
 
 

@@ -15,7 +15,6 @@ from .readout import Readout
 from .store import SCHEMA_VERSION
 
 
-
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -44,7 +43,7 @@ class Embedder:
 
     @classmethod
     def create(cls, checkpoint: str | None = None, phi: PhiConfig | None = None,
-               device: str = "auto") -> "Embedder":
+               device: str = "auto") -> Embedder:
         dev = pick_device(device)
         c = ckpt.load(checkpoint, dev)
         phi = phi or PhiConfig(readout=c.info.get("readout", "mid"))
@@ -52,7 +51,7 @@ class Embedder:
         return cls(c, phi, readout, dev)
 
     @classmethod
-    def from_meta(cls, meta: dict, device: str = "auto") -> "Embedder":
+    def from_meta(cls, meta: dict, device: str = "auto") -> Embedder:
         """Rebuild the embedder a collection was built with, and check it is the same model."""
         phi = PhiConfig(sigma=meta["sigma"], draws=meta["draws"], seed=meta["seed"],
                         readout=meta.get("readout", "mid"))

@@ -32,7 +32,7 @@ class Whitening:
     proj: np.ndarray   # (D, K)
 
     @classmethod
-    def fit(cls, x: np.ndarray, k: int, eps: float = 1e-6) -> "Whitening":
+    def fit(cls, x: np.ndarray, k: int, eps: float = 1e-6) -> Whitening:
         x = np.asarray(x, np.float64)
         mean = x.mean(0)
         # SVD of the centred data: right singular vectors are the principal axes.
@@ -60,7 +60,7 @@ class Whitening:
                 f"{prefix}.proj": torch.from_numpy(self.proj.copy())}
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, Tensor], prefix: str) -> "Whitening | None":
+    def from_tensors(cls, tensors: dict[str, Tensor], prefix: str) -> Whitening | None:
         if f"{prefix}.mean" not in tensors:
             return None
         return cls(tensors[f"{prefix}.mean"].float().numpy(), tensors[f"{prefix}.proj"].float().numpy())
@@ -68,10 +68,12 @@ class Whitening:
 
 @dataclass(frozen=True)
 class Readout:
-    """A named readout, optionally with its whitening."""
+    """A named readout, optionally whitened, optionally L2-normalized after that (`+l2`: the
+    Euclidean distance of unit vectors orders neighbours as the cosine does)."""
 
     name: str = "mid"
     whitening: Whitening | None = None
+    l2: bool = False
 
     def __post_init__(self) -> None:
         if self.name not in READOUT_TAPS:
@@ -83,10 +85,11 @@ class Readout:
 
     @property
     def label(self) -> str:
-        """e.g. 'mid' or 'blocks+white64': what a collection records as its readout."""
-        if self.whitening is None:
-            return self.name
-        return f"{self.name}+white{self.whitening.proj.shape[1]}"
+        """e.g. 'mid', 'blocks+white64' or 'blocks+white128+l2': what a collection records."""
+        label = self.name
+        if self.whitening is not None:
+            label += f"+white{self.whitening.proj.shape[1]}"
+        return label + ("+l2" if self.l2 else "")
 
     def sha256(self) -> str:
         h = hashlib.sha256(self.label.encode())
@@ -101,24 +104,46 @@ class Readout:
     def vectors(self, feats: dict[str, Tensor]) -> np.ndarray:
         """The dense vectors of a batch: (N, D or K) float32."""
         x = self.concat(feats)
-        return self.whitening.apply(x) if self.whitening is not None else x
+        x = self.whitening.apply(x) if self.whitening is not None else x
+        return l2_normalize(x) if self.l2 else x
 
     @classmethod
-    def from_checkpoint(cls, label: str, extras: dict[str, Tensor]) -> "Readout":
-        """Resolve a readout label ('mid', 'blocks+white64') against a checkpoint's extras."""
-        name, _, white = label.partition("+")
-        if not white:
-            return cls(name)
-        w = Whitening.from_tensors(extras, f"readout.{label}")
+    def from_checkpoint(cls, label: str, extras: dict[str, Tensor]) -> Readout:
+        """Resolve a readout label ('mid', 'blocks+white64+l2') against a checkpoint's extras."""
+        name, k, l2 = parse_label(label)
+        if k is None:
+            return cls(name, None, l2)
+        w = Whitening.from_tensors(extras, f"readout.{name}+white{k}")
         if w is None:
             raise ValueError(f'readout "{label}" needs a whitening fitted with the checkpoint; '
                              f"this checkpoint has {sorted(extras) or 'none'}")
-        return cls(name, w)
+        return cls(name, w, l2)
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+def parse_label(label: str) -> tuple[str, int | None, bool]:
+    """'blocks+white128+l2' -> ('blocks', 128, True). ValueError for anything else."""
+    name, *mods = label.split("+")
+    k, l2 = None, False
+    for i, m in enumerate(mods):
+        if m.startswith("white") and m[5:].isdigit() and int(m[5:]) >= 1 and k is None and i == 0:
+            k = int(m[5:])
+        elif m == "l2" and i == len(mods) - 1:
+            l2 = True
+        else:
+            name = ""
+    if name not in READOUT_TAPS:
+        raise ValueError(f'bad readout "{label}": use NAME[+whiteK][+l2] with NAME in '
+                         f"{sorted(READOUT_TAPS)} (e.g. blocks+white64)")
+    return name, k, l2
 
 
 def fit_into_checkpoint(checkpoint: str, urls: list[str], name: str, dims: int, sigma: float,
                         draws: int, seed: int, limit: int | None = None,
-                        make_default: bool = True, on_batch=None) -> str:
+                        make_default: bool = True, on_batch=None, l2: bool = False) -> str:
     """Fit a whitened readout on the shards' vectors and store it inside the checkpoint (extras
     'readout.<label>.mean/.proj'); the weights, and so the model's sha256, are unchanged.
     Returns the readout label, e.g. 'blocks+white64'."""
@@ -141,9 +166,9 @@ def fit_into_checkpoint(checkpoint: str, urls: list[str], name: str, dims: int, 
         if limit and n >= limit:
             break
     w = Whitening.fit(np.concatenate(rows)[:limit], dims)
-    label = Readout(name, w).label
+    label = Readout(name, w, l2).label
     extras = dict(c.extras)
-    extras.update(w.to_tensors(f"readout.{label}"))
+    extras.update(w.to_tensors(f"readout.{Readout(name, w).label}"))
     info = dict(c.info)
     info.setdefault("readouts", {})[label] = {
         "fitted_on": urls, "images": int(min(n, limit or n)), "sigma": sigma, "draws": draws,

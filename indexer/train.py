@@ -57,7 +57,7 @@ class TrainConfig:
     compile: bool = False                 # torch.compile on CUDA
     init_from: str | None = None          # warm start from this checkpoint (no optimizer state)
     curve_steps: tuple[int, ...] = field(default_factory=lambda: tuple(
-        sorted({int(m * 10 ** e) for e in range(0, 7) for m in (1, 2, 5)} | {0})))
+        sorted({int(m * 10 ** e) for e in range(7) for m in (1, 2, 5)} | {0})))
 
 
 def sample_sigmas(n: int, generator: torch.Generator) -> torch.Tensor:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from phisearch.indexer import checkpoint as ckpt
 from phisearch.indexer.phi import features
-from phisearch.indexer.readout import READOUT_TAPS, Readout, Whitening
+from phisearch.indexer.readout import READOUT_TAPS, Readout, Whitening, l2_normalize, parse_label
 from phisearch.indexer.shards import expand, loader
 
 METRICS = ("knn@1", "knn@10", "p@10", "map", "nmi", "ari", "purity")
@@ -50,7 +50,8 @@ class EvalSettings:
     extra: tuple[tuple[float, int], ...] = tuple(
         (s, d) for s in (0.1, 0.2, 0.4) for d in (1, 4))
     # Readouts compared at the default (σ, draws), for the trained and the untrained network.
-    readouts: tuple[str, ...] = ("mid", "blocks", "mid+white64", "blocks+white64")
+    readouts: tuple[str, ...] = ("mid", "blocks", "mid+white64", "blocks+white64",
+                                 "blocks+white64+l2", "blocks+white128+l2")
     limit_queries: int | None = None
     limit_gallery: int | None = None
     batch_size: int = 64
@@ -251,13 +252,8 @@ class _Net:
 
 
 def check_readout(label: str) -> str:
-    """A readout label: NAME or NAME+whiteK (NAME in READOUT_TAPS, K >= 1); ValueError if not."""
-    name, plus, white = label.partition("+")
-    k = white.removeprefix("white")
-    if name not in READOUT_TAPS or (plus and not (white.startswith("white") and k.isdigit()
-                                                   and int(k) >= 1)):
-        raise ValueError(f'bad readout "{label}": use NAME or NAME+whiteK with NAME in '
-                         f"{sorted(READOUT_TAPS)} (e.g. blocks+white64)")
+    """A readout label: NAME[+whiteK][+l2] (NAME in READOUT_TAPS, K >= 1); ValueError if not."""
+    parse_label(label)
     return label
 
 
@@ -304,8 +300,8 @@ def evaluate(checkpoint: str | ckpt.Checkpoint | None, query_urls: Sequence[str]
     st = replace(st, sigma=float(st.sigma if st.sigma is not None else defaults.get("sigma", 0.2)),
                  draws=int(st.draws if st.draws is not None else defaults.get("draws", 4)))
     labels = list(dict.fromkeys([label, "mid", *st.readouts]))
-    taps = tuple(dict.fromkeys(t for lab in labels for t in READOUT_TAPS[lab.partition("+")[0]]))
-    default_taps = READOUT_TAPS[label.partition("+")[0]]
+    taps = tuple(dict.fromkeys(t for lab in labels for t in READOUT_TAPS[parse_label(lab)[0]]))
+    default_taps = READOUT_TAPS[parse_label(label)[0]]
 
     passes: dict[str, dict] = {}
 
@@ -355,11 +351,10 @@ def evaluate(checkpoint: str | ckpt.Checkpoint | None, query_urls: Sequence[str]
 
     def readout_vectors(rep: str, net: _Net, lab: str, f: dict[str, np.ndarray],
                         stored: dict | None) -> None:
-        name, _, white = lab.partition("+")
+        name, k, l2 = parse_label(lab)
         r = Readout(name)
         x = r.concat({t: torch.from_numpy(f[t]) for t in r.taps})
-        if white:
-            k = int(white.removeprefix("white"))
+        if k is not None:
             w = None
             if stored is not None:
                 try:
@@ -372,6 +367,8 @@ def evaluate(checkpoint: str | ckpt.Checkpoint | None, query_urls: Sequence[str]
                 whitening_notes[rep] = (f"fitted on the gallery vectors (N={len(x) - nq}, "
                                         f"K={w.proj.shape[1]})")
             x = w.apply(x)
+        if l2:
+            x = l2_normalize(x)
         vectors[rep] = (x[:nq], x[nq:])
 
     # φ and the untrained network with the chosen readout; the paper's readout, raw.

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-
 from phisearch.indexer import images
 from phisearch.indexer.embedder import Embedder
 from phisearch.indexer.store import Hit, Store
@@ -101,5 +100,5 @@ def explain(a: np.ndarray, b: np.ndarray, top: int = 8) -> dict:
         "drivers": [{"channel": int(c), "a": float(a[c]), "b": float(b[c]),
                      "share": float(d2[c] / total) if total else 0.0} for c in order],
         "shared": [{"channel": int(c), "a": float(a[c]), "b": float(b[c])} for c in shared],
-        "active": {"a": int((a > 0).sum()), "b": int((b > 0).sum()), "both": int(len(shared_idx))},
+        "active": {"a": int((a > 0).sum()), "b": int((b > 0).sum()), "both": len(shared_idx)},
     }

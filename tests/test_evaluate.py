@@ -144,6 +144,19 @@ def test_unstored_whitened_readout_is_refused() -> None:
     assert r.label == "mid+white8"
 
 
+def test_l2_readout_uses_the_same_stored_whitening_and_gives_unit_vectors() -> None:
+    rng = np.random.default_rng(0)
+    w = Whitening.fit(rng.normal(size=(50, 16)), 8)
+    extras = w.to_tensors("readout.mid+white8")
+    plain, unit = (Readout.from_checkpoint(lab, extras) for lab in ("mid+white8", "mid+white8+l2"))
+    assert unit.label == "mid+white8+l2" and unit.sha256() != plain.sha256()
+    feats = {"M.out": torch.from_numpy(rng.normal(size=(5, 16)).astype(np.float32))}
+    a, b = plain.vectors(feats), unit.vectors(feats)
+    assert np.allclose(np.linalg.norm(b, axis=1), 1.0, atol=1e-5)
+    assert np.allclose(b, a / np.linalg.norm(a, axis=1, keepdims=True), atol=1e-5)
+    assert Readout.from_checkpoint("blocks+l2", {}).label == "blocks+l2"
+
+
 # ------------------------------------------------------------------------------ end to end
 
 
@@ -230,7 +243,8 @@ def test_cache_reuses_vectors(tiny_ckpt: Path, mini_shard: str, tmp_path: Path) 
     assert "*" in ev.markdown(b) and "*" not in ev.markdown(a).split("| representation")[1]
 
 
-@pytest.mark.parametrize("label", ["foo", "mid+", "mid+white", "blocks+pca64", "mid+white0"])
+@pytest.mark.parametrize("label", ["foo", "mid+", "mid+white", "blocks+pca64", "mid+white0",
+                                   "mid+l2+white8", "mid+white8+l2+l2"])
 def test_bad_readout_labels(label: str) -> None:
     with pytest.raises(ValueError):
         ev.check_readout(label)

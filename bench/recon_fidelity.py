@@ -20,6 +20,7 @@ import json
 import platform
 import time
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,10 @@ def main() -> None:
     ap.add_argument("--targets", type=int, default=50)
     ap.add_argument("-n", type=int, default=4, help="Samples per target.")
     ap.add_argument("--schedule", default="fast")
+    ap.add_argument("--levels", type=int, default=None, help="Override the schedule's levels.")
+    ap.add_argument("--inner-steps", type=int, default=None)
+    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--tol", type=float, default=None)
     ap.add_argument("--batch-targets", type=int, default=10, help="Targets per sampler batch.")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--store", default=default_store())
@@ -78,8 +83,9 @@ def main() -> None:
     pick = balanced(labels, args.targets)
     imgs, labels, keys = imgs[pick], labels[pick], [keys[i] for i in pick]
     ids = [point_id(*k.split("/", 1)) for k in keys]
-    sch = R.schedule(args.schedule)
-    unguided_sch = R.schedule(args.schedule, inner_steps=0)
+    over = dict(levels=args.levels, inner_steps=args.inner_steps, lr=args.lr, tol=args.tol)
+    sch = R.schedule(args.schedule, **over)
+    unguided_sch = R.schedule(args.schedule, **dict(over, inner_steps=0))
 
     t0 = time.perf_counter()
     guided, errors = [], []
@@ -117,7 +123,7 @@ def main() -> None:
         "checkpoint": meta.get("checkpoint"), "model_sha256": meta["model_sha256"],
         "readout": meta.get("readout"), "phi": {k: meta[k] for k in ("sigma", "draws", "seed")},
         "targets": len(imgs), "samples_per_target": args.n, "classes": len(np.unique(labels)),
-        "schedule": args.schedule,
+        "schedule": args.schedule, "schedule_settings": asdict(sch),
         "guided_top10_majority_is_target_class": round(float(g_ok.mean()), 4),
         "guided_per_target_majority_of_samples": round(float(per_target.mean()), 4),
         "unguided_top10_majority_is_target_class": round(float(u_ok.mean()), 4),

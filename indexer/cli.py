@@ -340,7 +340,9 @@ def fit_readout(
     checkpoint: Annotated[str, typer.Option("--checkpoint", help="Checkpoint to extend "
                                             "(its .safetensors file is rewritten in place).")],
     readout: Annotated[str, typer.Option("--readout", help="mid | blocks")] = "blocks",
-    dims: Annotated[int, typer.Option("--dims", min=1, help="PCA dimensions kept.")] = 64,
+    dims: Annotated[list[int], typer.Option(
+        "--dims", min=1, help="PCA dimensions kept; repeat to fit several from one pass (the "
+        "first becomes the default).")] = [64],  # noqa: B006 - typer reads the default
     sigma: Annotated[float, typer.Option("--sigma", min=0)] = 0.2,
     draws: Annotated[int, typer.Option("--draws", min=1)] = 4,
     seed: Annotated[int, typer.Option("--seed")] = 0,

@@ -10,6 +10,7 @@ always the middle block's non-zero channels, whatever the readout.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -141,12 +142,13 @@ def parse_label(label: str) -> tuple[str, int | None, bool]:
     return name, k, l2
 
 
-def fit_into_checkpoint(checkpoint: str, urls: list[str], name: str, dims: int, sigma: float,
-                        draws: int, seed: int, limit: int | None = None,
+def fit_into_checkpoint(checkpoint: str, urls: list[str], name: str, dims: int | Sequence[int],
+                        sigma: float, draws: int, seed: int, limit: int | None = None,
                         make_default: bool = True, on_batch=None, l2: bool = False) -> str:
-    """Fit a whitened readout on the shards' vectors and store it inside the checkpoint (extras
-    'readout.<label>.mean/.proj'); the weights, and so the model's sha256, are unchanged.
-    Returns the readout label, e.g. 'blocks+white64'."""
+    """Fit whitened readouts (one per entry of `dims`, all from one pass over the shards) and
+    store them inside the checkpoint (extras 'readout.<name>+white<K>.mean/.proj'); the weights,
+    and so the model's sha256, are unchanged. Returns the label of the first, e.g.
+    'blocks+white64' (+'+l2' with l2), which becomes the default with make_default."""
     from . import checkpoint as ckpt
     from .phi import features
     from .shards import loader
@@ -165,14 +167,16 @@ def fit_into_checkpoint(checkpoint: str, urls: list[str], name: str, dims: int, 
             on_batch(len(batch))
         if limit and n >= limit:
             break
-    w = Whitening.fit(np.concatenate(rows)[:limit], dims)
-    label = Readout(name, w, l2).label
-    extras = dict(c.extras)
-    extras.update(w.to_tensors(f"readout.{Readout(name, w).label}"))
-    info = dict(c.info)
-    info.setdefault("readouts", {})[label] = {
-        "fitted_on": urls, "images": int(min(n, limit or n)), "sigma": sigma, "draws": draws,
-        "seed": seed}
+    x = np.concatenate(rows)[:limit]
+    extras, info = dict(c.extras), dict(c.info)
+    labels = []
+    for k in ([dims] if isinstance(dims, int) else list(dims)):
+        w = Whitening.fit(x, k)
+        extras.update(w.to_tensors(f"readout.{Readout(name, w).label}"))
+        labels.append(Readout(name, w, l2).label)
+        info.setdefault("readouts", {})[labels[-1]] = {
+            "fitted_on": urls, "images": len(x), "sigma": sigma, "draws": draws, "seed": seed}
+    label = labels[0]
     if make_default:
         info["readout"] = label
         info["phi_defaults"] = {"sigma": sigma, "draws": draws, "seed": seed}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -267,3 +268,25 @@ def test_embed_images_batches_agree(tiny_ckpt: Path, mini_shard: str) -> None:
     b = ev.embed_images(model, imgs, 0.2, 2, 0, ("M.out", "E1.out"), batch_size=10)
     assert set(a) == {"M.out", "E1.out"}
     assert torch.allclose(torch.from_numpy(a["M.out"]), torch.from_numpy(b["M.out"]), atol=1e-5)
+
+
+def test_fit_readout_stores_several_whitenings_from_one_pass(tiny_ckpt: Path, mini_shard: str,
+                                                             tmp_path: Path) -> None:
+    path = tmp_path / "fit.safetensors"
+    shutil.copy(tiny_ckpt, path)
+    shutil.copy(Path(tiny_ckpt).with_suffix(".json"), path.with_suffix(".json"))
+    before = ckpt.load(str(path)).sha256
+    p = subprocess.run(IDX + ["fit-readout", "--checkpoint", str(path), "--data", mini_shard,
+                              "--dims", "8", "--dims", "4", "--l2", "--draws", "1",
+                              "--limit", "60"], check=False, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr
+    c = ckpt.load(str(path))
+    assert c.sha256 == before                                   # the weights are untouched
+    assert c.info["readout"] == "blocks+white8+l2"
+    assert set(c.info["readouts"]) == {"blocks+white8+l2", "blocks+white4+l2"}
+    assert c.info["readouts"]["blocks+white4+l2"]["images"] == 60
+    w8 = Readout.from_checkpoint("blocks+white8", c.extras).whitening
+    w4 = Readout.from_checkpoint("blocks+white4+l2", c.extras).whitening
+    # PCA-4 is the first 4 axes of PCA-8 fitted on the same vectors.
+    np.testing.assert_allclose(w4.proj, w8.proj[:, :4], rtol=1e-4, atol=1e-5)

@@ -351,6 +351,8 @@ def fit_readout(
                                           help="Make it the checkpoint's default readout.")] = True,
     l2: Annotated[bool, typer.Option("--l2/--no-l2", help="L2-normalize after whitening "
                                      "(readout label ends in +l2).")] = False,
+    sqrt: Annotated[bool, typer.Option("--sqrt/--no-sqrt", help="Square-root the means before "
+                                       "whitening (label NAME+sqrt+whiteK).")] = False,
 ) -> None:
     """Fit a whitened readout (PCA to DIMS, unit variance) on training shards and store it in
     the checkpoint; the weights and the model's sha256 stay the same.
@@ -362,7 +364,8 @@ def fit_readout(
 
     bar = progress(desc="fit-readout")
     label = fit_into_checkpoint(checkpoint, expand(data), readout, dims, sigma, draws, seed,
-                                limit, default, on_batch=bar.update, l2=l2)
+                                limit, default, on_batch=bar.update, l2=l2,
+                                sqrt=sqrt)
     bar.close()
     typer.echo(f"stored readout {label} in {checkpoint}", err=True)
 

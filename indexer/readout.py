@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -69,12 +70,14 @@ class Whitening:
 
 @dataclass(frozen=True)
 class Readout:
-    """A named readout, optionally whitened, optionally L2-normalized after that (`+l2`: the
-    Euclidean distance of unit vectors orders neighbours as the cosine does)."""
+    """A named readout: optionally square-rooted (`+sqrt`, power normalization of the
+    non-negative means: large activations weigh less), whitened (`+whiteK`), L2-normalized after
+    that (`+l2`: Euclidean distance between unit vectors orders neighbours as the cosine does)."""
 
     name: str = "mid"
     whitening: Whitening | None = None
     l2: bool = False
+    sqrt: bool = False
 
     def __post_init__(self) -> None:
         if self.name not in READOUT_TAPS:
@@ -86,8 +89,8 @@ class Readout:
 
     @property
     def label(self) -> str:
-        """e.g. 'mid', 'blocks+white64' or 'blocks+white128+l2': what a collection records."""
-        label = self.name
+        """e.g. 'mid', 'blocks+white64' or 'blocks+sqrt+white64+l2': what a collection records."""
+        label = self.name + ("+sqrt" if self.sqrt else "")
         if self.whitening is not None:
             label += f"+white{self.whitening.proj.shape[1]}"
         return label + ("+l2" if self.l2 else "")
@@ -99,8 +102,9 @@ class Readout:
         return h.hexdigest()
 
     def concat(self, feats: dict[str, Tensor]) -> np.ndarray:
-        """The raw readout before whitening: (N, D) float32."""
-        return torch.cat([feats[t].float() for t in self.taps], dim=1).numpy()
+        """The readout before whitening: (N, D) float32."""
+        x = torch.cat([feats[t].float() for t in self.taps], dim=1)
+        return (x.clamp_min(0).sqrt() if self.sqrt else x).numpy()
 
     def vectors(self, feats: dict[str, Tensor]) -> np.ndarray:
         """The dense vectors of a batch: (N, D or K) float32."""
@@ -111,40 +115,61 @@ class Readout:
     @classmethod
     def from_checkpoint(cls, label: str, extras: dict[str, Tensor]) -> Readout:
         """Resolve a readout label ('mid', 'blocks+white64+l2') against a checkpoint's extras."""
-        name, k, l2 = parse_label(label)
-        if k is None:
-            return cls(name, None, l2)
-        w = Whitening.from_tensors(extras, f"readout.{name}+white{k}")
+        spec = parse_label(label)
+        if spec.white is None:
+            return cls(spec.name, None, spec.l2, spec.sqrt)
+        w = Whitening.from_tensors(extras, f"readout.{spec.whitening_key}")
         if w is None:
             raise ValueError(f'readout "{label}" needs a whitening fitted with the checkpoint; '
                              f"this checkpoint has {sorted(extras) or 'none'}")
-        return cls(name, w, l2)
+        return cls(spec.name, w, spec.l2, spec.sqrt)
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
     return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
-def parse_label(label: str) -> tuple[str, int | None, bool]:
-    """'blocks+white128+l2' -> ('blocks', 128, True). ValueError for anything else."""
+class ReadoutSpec(NamedTuple):
+    name: str
+    white: int | None      # K of +whiteK
+    l2: bool
+    sqrt: bool
+
+    @property
+    def whitening_key(self) -> str:
+        """Where the whitening lives in a checkpoint's extras (shared by the +l2 variant)."""
+        return f"{self.name}{'+sqrt' if self.sqrt else ''}+white{self.white}"
+
+
+def parse_label(label: str) -> ReadoutSpec:
+    """'blocks+sqrt+white128+l2' -> ReadoutSpec('blocks', 128, True, True); modifiers in that
+    order, each at most once. ValueError for anything else."""
     name, *mods = label.split("+")
-    k, l2 = None, False
-    for i, m in enumerate(mods):
-        if m.startswith("white") and m[5:].isdigit() and int(m[5:]) >= 1 and k is None and i == 0:
-            k = int(m[5:])
-        elif m == "l2" and i == len(mods) - 1:
-            l2 = True
-        else:
+    order = ["sqrt", "white", "l2"]
+    k, l2, sqrt, last = None, False, False, -1
+    for m in mods:
+        kind = "white" if m.startswith("white") else m
+        pos = order.index(kind) if kind in order else -1
+        if pos <= last:
             name = ""
+            break
+        last = pos
+        if kind == "white":
+            if not (m[5:].isdigit() and int(m[5:]) >= 1):
+                name = ""
+                break
+            k = int(m[5:])
+        l2, sqrt = l2 or kind == "l2", sqrt or kind == "sqrt"
     if name not in READOUT_TAPS:
-        raise ValueError(f'bad readout "{label}": use NAME[+whiteK][+l2] with NAME in '
+        raise ValueError(f'bad readout "{label}": use NAME[+sqrt][+whiteK][+l2] with NAME in '
                          f"{sorted(READOUT_TAPS)} (e.g. blocks+white64)")
-    return name, k, l2
+    return ReadoutSpec(name, k, l2, sqrt)
 
 
 def fit_into_checkpoint(checkpoint: str, urls: list[str], name: str, dims: int | Sequence[int],
                         sigma: float, draws: int, seed: int, limit: int | None = None,
-                        make_default: bool = True, on_batch=None, l2: bool = False) -> str:
+                        make_default: bool = True, on_batch=None, l2: bool = False,
+                        sqrt: bool = False) -> str:
     """Fit whitened readouts (one per entry of `dims`, all from one pass over the shards) and
     store them inside the checkpoint (extras 'readout.<name>+white<K>.mean/.proj'); the weights,
     and so the model's sha256, are unchanged. Returns the label of the first, e.g.
@@ -154,7 +179,7 @@ def fit_into_checkpoint(checkpoint: str, urls: list[str], name: str, dims: int |
     from .shards import loader
 
     c = ckpt.load(checkpoint)
-    base = Readout(name)
+    base = Readout(name, sqrt=sqrt)
     rows: list[np.ndarray] = []
     n = 0
     for batch in loader(urls, 64, workers=1):
@@ -172,8 +197,8 @@ def fit_into_checkpoint(checkpoint: str, urls: list[str], name: str, dims: int |
     labels = []
     for k in ([dims] if isinstance(dims, int) else list(dims)):
         w = Whitening.fit(x, k)
-        extras.update(w.to_tensors(f"readout.{Readout(name, w).label}"))
-        labels.append(Readout(name, w, l2).label)
+        extras.update(w.to_tensors(f"readout.{Readout(name, w, sqrt=sqrt).label}"))
+        labels.append(Readout(name, w, l2, sqrt).label)
         info.setdefault("readouts", {})[labels[-1]] = {
             "fitted_on": urls, "images": len(x), "sigma": sigma, "draws": draws, "seed": seed}
     label = labels[0]

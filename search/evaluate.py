@@ -252,7 +252,7 @@ class _Net:
 
 
 def check_readout(label: str) -> str:
-    """A readout label: NAME[+whiteK][+l2] (NAME in READOUT_TAPS, K >= 1); ValueError if not."""
+    """A readout label: NAME[+sqrt][+whiteK][+l2] (NAME in READOUT_TAPS); ValueError if not."""
     parse_label(label)
     return label
 
@@ -351,8 +351,9 @@ def evaluate(checkpoint: str | ckpt.Checkpoint | None, query_urls: Sequence[str]
 
     def readout_vectors(rep: str, net: _Net, lab: str, f: dict[str, np.ndarray],
                         stored: dict | None) -> None:
-        name, k, l2 = parse_label(lab)
-        r = Readout(name)
+        spec = parse_label(lab)
+        k = spec.white
+        r = Readout(spec.name, sqrt=spec.sqrt)
         x = r.concat({t: torch.from_numpy(f[t]) for t in r.taps})
         if k is not None:
             w = None
@@ -367,7 +368,7 @@ def evaluate(checkpoint: str | ckpt.Checkpoint | None, query_urls: Sequence[str]
                 whitening_notes[rep] = (f"fitted on the gallery vectors (N={len(x) - nq}, "
                                         f"K={w.proj.shape[1]})")
             x = w.apply(x)
-        if l2:
+        if spec.l2:
             x = l2_normalize(x)
         vectors[rep] = (x[:nq], x[nq:])
 

@@ -290,3 +290,28 @@ def test_fit_readout_stores_several_whitenings_from_one_pass(tiny_ckpt: Path, mi
     w4 = Readout.from_checkpoint("blocks+white4+l2", c.extras).whitening
     # PCA-4 is the first 4 axes of PCA-8 fitted on the same vectors.
     np.testing.assert_allclose(w4.proj, w8.proj[:, :4], rtol=1e-4, atol=1e-5)
+
+
+def test_sqrt_readout_round_trip_through_fit_readout(tiny_ckpt: Path, mini_shard: str,
+                                                     tmp_path: Path) -> None:
+    from phisearch.indexer.readout import parse_label
+
+    assert parse_label("blocks+sqrt+white64+l2") == ("blocks", 64, True, True)
+    assert parse_label("blocks+sqrt+white64+l2").whitening_key == "blocks+sqrt+white64"
+    with pytest.raises(ValueError):
+        parse_label("blocks+white64+sqrt")
+    path = tmp_path / "fit.safetensors"
+    shutil.copy(tiny_ckpt, path)
+    shutil.copy(Path(tiny_ckpt).with_suffix(".json"), path.with_suffix(".json"))
+    p = subprocess.run(IDX + ["fit-readout", "--checkpoint", str(path), "--data", mini_shard,
+                              "--dims", "6", "--sqrt", "--l2", "--draws", "1", "--limit", "50"],
+                       check=False, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    c = ckpt.load(str(path))
+    assert c.info["readout"] == "blocks+sqrt+white6+l2"
+    r = Readout.from_checkpoint("blocks+sqrt+white6+l2", c.extras)
+    feats = {t: torch.rand(3, n) for t, n in zip(r.taps, c.model.cfg.widths)}
+    raw = Readout("blocks").concat(feats)
+    np.testing.assert_allclose(r.concat(feats), np.sqrt(raw), rtol=1e-6)
+    v = r.vectors(feats)
+    assert v.shape == (3, 6) and np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)

@@ -1,0 +1,141 @@
+"""Readout sweep (issue 9): what to do with the network's block means before Euclidean search.
+
+For the trained checkpoint and the same network untrained (same seed as `idx eval`), on the same
+queries (test) and gallery (train): whitening size K, L2 normalization after whitening, a square
+root before whitening (power normalization of the non-negative means), per-block scaling to equal
+variance, and which blocks. Every variant costs the same φ pass (encoder + middle block, σ 0.2,
+4 draws; its img/s is in `idx eval`'s output); the post-processing is negligible. Whitenings are
+fitted on the gallery vectors (the training split), as `idx fit-readout` does.
+
+    python bench/readout_sweep.py --checkpoint small64 --cache runs/evalcache
+
+Reuses `idx eval --cache` vectors when they exist (same file names). Writes
+bench/results/readout_sweep.json and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from phisearch.indexer import checkpoint as ckpt
+from phisearch.indexer.readout import Whitening, l2_normalize
+from phisearch.search.evaluate import embed_images, load_split, pixel_vectors, retrieval_metrics
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = Path(os.environ.get("PHISEARCH_DATA", REPO.parent / "shared" / "data")) / "imagenette-64"
+BLOCKS = ("E1.out", "E2.out", "E3.out", "M.out")
+
+
+def features(model, sha: str, imgs: np.ndarray, sigma: float, draws: int, seed: int,
+             cache: Path | None) -> dict[str, np.ndarray]:
+    """Block means of every image, cached under idx eval's file name for the same pass."""
+    images_sha = hashlib.blake2b(imgs.tobytes(), digest_size=8).hexdigest()
+    path = cache / f"{sha[:16]}_{images_sha}_s{float(sigma):g}_d{draws}_seed{seed}_cpu.npz" \
+        if cache else None
+    if path is not None and path.is_file():
+        with np.load(path) as z:
+            if all(t in z.files for t in BLOCKS):
+                return {t: z[t] for t in BLOCKS}
+    t0 = time.perf_counter()
+    got = embed_images(model, imgs, sigma, draws, seed, BLOCKS)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path.with_suffix(".tmp.npz"), __seconds__=np.float64(time.perf_counter() - t0),
+                 **got)
+        os.replace(path.with_suffix(".tmp.npz"), path)
+    return got
+
+
+def variants(f: dict[str, np.ndarray], nq: int) -> dict[str, Callable[[], np.ndarray]]:
+    """Named readouts of one network's block means: name -> vectors (queries then gallery)."""
+    blocks = np.concatenate([f[t] for t in BLOCKS], 1)
+
+    def white(x: np.ndarray, k: int, l2: bool = False) -> np.ndarray:
+        y = Whitening.fit(x[nq:], k).apply(x)
+        return l2_normalize(y) if l2 else y
+
+    def per_block(x_of: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        parts = [x_of(f[t]) for t in BLOCKS]
+        return np.concatenate([p / np.sqrt(p[nq:].var(0).sum() + 1e-12) for p in parts], 1)
+
+    sq = lambda x: np.sqrt(np.clip(x, 0, None))  # noqa: E731
+    out: dict[str, Callable[[], np.ndarray]] = {
+        "mid raw (the paper's φ)": lambda: f["M.out"],
+        "mid +white64": lambda: white(f["M.out"], 64),
+        "mid +white64 +l2": lambda: white(f["M.out"], 64, True),
+        "blocks raw": lambda: blocks,
+        "blocks +l2 (no whitening)": lambda: l2_normalize(blocks),
+        "blocks per-block-scaled +white64 +l2": lambda: white(per_block(lambda a: a), 64, True),
+        "encoder blocks only +white64 +l2": lambda: white(
+            np.concatenate([f[t] for t in BLOCKS[:3]], 1), 64, True),
+    }
+    for k in (32, 48, 64, 128, 192, 256):
+        out[f"blocks +white{k}"] = lambda k=k: white(blocks, k)
+        out[f"blocks +white{k} +l2"] = lambda k=k: white(blocks, k, True)
+    for k in (32, 48, 64, 128):
+        out[f"blocks +sqrt +white{k} +l2"] = lambda k=k: white(sq(blocks), k, True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", default="small64")
+    ap.add_argument("--queries", default=str(DATA / "imagenette-test-000000.tar"))
+    ap.add_argument("--gallery", default=str(DATA / "imagenette-train-{000000..000004}.tar"))
+    ap.add_argument("--sigma", type=float, default=0.2)
+    ap.add_argument("--draws", type=int, default=4)
+    ap.add_argument("--cache", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=Path("bench/results/readout_sweep.json"))
+    args = ap.parse_args()
+    qi, ql, _ = load_split(args.queries)
+    gi, gl, _ = load_split(args.gallery)
+    imgs, nq = np.concatenate([qi, gi]), len(qi)
+    c = ckpt.load(args.checkpoint)
+    u = ckpt.untrained(c.model.cfg, seed=0)
+    rows: dict[str, dict] = {}
+    for side in ("pixels16", "pixels16 +white64 +l2"):
+        x = pixel_vectors(imgs, 16)
+        if "white" in side:
+            x = l2_normalize(Whitening.fit(x[nq:], 64).apply(x))
+        rows[side] = {"baseline": retrieval_metrics(x[:nq], ql, x[nq:], gl)}
+    nets = {"trained": (c.model, c.sha256), "untrained": (u.model, u.sha256)}
+    feats = {name: features(m.eval(), sha, imgs, args.sigma, args.draws, 0, args.cache)
+             for name, (m, sha) in nets.items()}
+    for name in variants(feats["trained"], nq):
+        rows[name] = {}
+        for net, f in feats.items():
+            x = variants(f, nq)[name]()
+            rows[name][net] = retrieval_metrics(x[:nq], ql, x[nq:], gl)
+    p16 = rows["pixels16"]["baseline"]["knn@10"]
+    print(f"checkpoint {c.name} ({c.sha256[:12]}, {c.info.get('steps')} steps); {nq} queries vs "
+          f"{len(gi)} gallery; σ {args.sigma:g}, {args.draws} draws\n")
+    print("| readout | kNN@10 trained | kNN@10 untrained | trained / untrained | trained / pixels16 "
+          "| kNN@1 trained | mAP trained |\n|---|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        if "baseline" in r:
+            b = r["baseline"]
+            print(f"| {name} | {b['knn@10']:.3f} | – | – | {b['knn@10'] / p16:.2f} | "
+                  f"{b['knn@1']:.3f} | {b['map']:.3f} |")
+            continue
+        t, un = r["trained"], r["untrained"]
+        print(f"| {name} | {t['knn@10']:.3f} | {un['knn@10']:.3f} | {t['knn@10'] / un['knn@10']:.2f}"
+              f" | {t['knn@10'] / p16:.2f} | {t['knn@1']:.3f} | {t['map']:.3f} |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "checkpoint": c.name, "model_sha256": c.sha256, "steps": c.info.get("steps"),
+        "queries": args.queries, "gallery": args.gallery, "sigma": args.sigma,
+        "draws": args.draws, "rows": rows,
+        "note": "every row costs the same φ pass; whitening fitted on the gallery (train split)",
+        "torch_threads": torch.get_num_threads()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

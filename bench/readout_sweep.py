@@ -3,7 +3,7 @@
 For the trained checkpoint and the same network untrained (same seed as `idx eval`), on the same
 queries (test) and gallery (train): whitening size K, L2 normalization after whitening, a square
 root before whitening (power normalization of the non-negative means), per-block scaling to equal
-variance, and which blocks. Every variant costs the same φ pass (encoder + middle block, σ 0.2,
+variance, which blocks, and pooling of the middle block (mean, mean+max, 2x2 quadrant means). Every variant costs the same φ pass (encoder + middle block, σ 0.2,
 4 draws; its img/s is in `idx eval`'s output); the post-processing is negligible. Whitenings are
 fitted on the gallery vectors (the training split), as `idx fit-readout` does.
 
@@ -26,31 +26,41 @@ from pathlib import Path
 import numpy as np
 import torch
 from phisearch.indexer import checkpoint as ckpt
+from phisearch.indexer.phi import MID_2X2, MID_MAX
 from phisearch.indexer.readout import Whitening, l2_normalize
 from phisearch.search.evaluate import embed_images, load_split, pixel_vectors, retrieval_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("PHISEARCH_DATA", REPO.parent / "shared" / "data")) / "imagenette-64"
 BLOCKS = ("E1.out", "E2.out", "E3.out", "M.out")
+POOLED = (MID_MAX, MID_2X2)
+
+
+def _cached(path: Path | None, taps: tuple[str, ...], compute: Callable[[], dict]) -> dict:
+    if path is not None and path.is_file():
+        with np.load(path) as z:
+            if all(t.replace(":", "_") in z.files for t in taps):
+                return {t: z[t.replace(":", "_")] for t in taps}
+    t0 = time.perf_counter()
+    got = compute()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path.with_suffix(".tmp.npz"), __seconds__=np.float64(time.perf_counter() - t0),
+                 **{t.replace(":", "_"): v for t, v in got.items()})
+        os.replace(path.with_suffix(".tmp.npz"), path)
+    return got
 
 
 def features(model, sha: str, imgs: np.ndarray, sigma: float, draws: int, seed: int,
              cache: Path | None) -> dict[str, np.ndarray]:
-    """Block means of every image, cached under idx eval's file name for the same pass."""
+    """Block means of every image (cached under idx eval's file name for the same pass) and the
+    middle block's other poolings (a second cache file)."""
     images_sha = hashlib.blake2b(imgs.tobytes(), digest_size=8).hexdigest()
-    path = cache / f"{sha[:16]}_{images_sha}_s{float(sigma):g}_d{draws}_seed{seed}_cpu.npz" \
-        if cache else None
-    if path is not None and path.is_file():
-        with np.load(path) as z:
-            if all(t in z.files for t in BLOCKS):
-                return {t: z[t] for t in BLOCKS}
-    t0 = time.perf_counter()
-    got = embed_images(model, imgs, sigma, draws, seed, BLOCKS)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path.with_suffix(".tmp.npz"), __seconds__=np.float64(time.perf_counter() - t0),
-                 **got)
-        os.replace(path.with_suffix(".tmp.npz"), path)
+    stem = f"{sha[:16]}_{images_sha}_s{float(sigma):g}_d{draws}_seed{seed}_cpu"
+    got = _cached(cache / f"{stem}.npz" if cache else None, BLOCKS,
+                  lambda: embed_images(model, imgs, sigma, draws, seed, BLOCKS))
+    got.update(_cached(cache / f"{stem}_pool.npz" if cache else None, POOLED,
+                       lambda: embed_images(model, imgs, sigma, draws, seed, POOLED)))
     return got
 
 
@@ -74,6 +84,11 @@ def variants(f: dict[str, np.ndarray], nq: int) -> dict[str, Callable[[], np.nda
         "blocks raw": lambda: blocks,
         "blocks +l2 (no whitening)": lambda: l2_normalize(blocks),
         "blocks per-block-scaled +white64 +l2": lambda: white(per_block(lambda a: a), 64, True),
+        "mid mean+max +white64 +l2": lambda: white(np.concatenate([f["M.out"], f[MID_MAX]], 1),
+                                                   64, True),
+        "mid 2x2-pooled +white64 +l2": lambda: white(f[MID_2X2], 64, True),
+        "blocks + mid max +white64 +l2": lambda: white(np.concatenate([blocks, f[MID_MAX]], 1),
+                                                       64, True),
         "encoder blocks only +white64 +l2": lambda: white(
             np.concatenate([f[t] for t in BLOCKS[:3]], 1), 64, True),
     }

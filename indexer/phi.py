@@ -17,6 +17,8 @@ from torch import Tensor
 from .unet import UNet
 
 MID = "M.out"
+MID_MAX = "M.out:max"    # spatial max of the middle block's channels
+MID_2X2 = "M.out:2x2"    # means over the 2x2 quadrants (4 C values, quadrant-major per channel)
 
 
 def as_uint8(images: np.ndarray | Tensor) -> np.ndarray:
@@ -82,7 +84,13 @@ def features(model: UNet, images: np.ndarray | Tensor, sigma: float, draws: int,
         if any(t.startswith("D") for t in taps):
             model(y, taps=got)
         else:
-            model.encode(y, taps=got)
+            mid_map, _ = model.encode(y, taps=got)
+            # Other poolings of the middle block (issue 9's pooling experiments).
+            if MID_MAX in taps:
+                got[MID_MAX] = mid_map.float().amax(dim=(-2, -1))
+            if MID_2X2 in taps:
+                got[MID_2X2] = torch.nn.functional.adaptive_avg_pool2d(mid_map.float(),
+                                                                      2).flatten(1)
     missing = set(taps) - set(got)
     if missing:
         raise ValueError(f"unknown taps {sorted(missing)}; known: {sorted(got)}")

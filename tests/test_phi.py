@@ -66,3 +66,18 @@ def test_draws_are_averaged(model, images):
     assert torch.allclose(phi(model, images[:3], sigma, draws, seed), manual, atol=1e-5, rtol=0)
     # the draws differ from each other, so the average is not a single pass
     assert (per_draw[0] - per_draw[1]).abs().max() > 1e-4
+
+
+def test_pooled_middle_block_taps_agree_with_the_mean() -> None:
+    """The 2x2 quadrant means average back to the spatial mean; the max bounds it."""
+    from phisearch.indexer import checkpoint as ckpt
+    from phisearch.indexer.phi import MID, MID_2X2, MID_MAX, features
+
+    model = ckpt.untrained("tiny", seed=0).model.eval()
+    imgs = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    f = features(model, imgs, 0.2, 2, 0, (MID, MID_MAX, MID_2X2))
+    c = f[MID].shape[1]
+    assert f[MID_2X2].shape == (3, 4 * c) and f[MID_MAX].shape == (3, c)
+    quads = f[MID_2X2].reshape(3, c, 4)
+    assert torch.allclose(quads.mean(-1), f[MID], atol=1e-5)
+    assert (f[MID_MAX] >= f[MID] - 1e-6).all()

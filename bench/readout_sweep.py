@@ -76,7 +76,7 @@ def variants(f: dict[str, np.ndarray], nq: int) -> dict[str, Callable[[], np.nda
         parts = [x_of(f[t]) for t in BLOCKS]
         return np.concatenate([p / np.sqrt(p[nq:].var(0).sum() + 1e-12) for p in parts], 1)
 
-    sq = lambda x: np.sqrt(np.clip(x, 0, None))  # noqa: E731
+    sq = lambda x: np.sqrt(np.clip(x, 0, None))
     out: dict[str, Callable[[], np.ndarray]] = {
         "mid raw (the paper's φ)": lambda: f["M.out"],
         "mid +white64": lambda: white(f["M.out"], 64),
@@ -104,6 +104,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", default="small64")
     ap.add_argument("--queries", default=str(DATA / "imagenette-test-000000.tar"))
+    ap.add_argument("--val-queries", default=str(DATA / "imagenette-test-000001.tar"),
+                    help="Queries the readout is chosen on (reported: --queries).")
     ap.add_argument("--gallery", default=str(DATA / "imagenette-train-{000000..000004}.tar"))
     ap.add_argument("--sigma", type=float, default=0.2)
     ap.add_argument("--draws", type=int, default=4)
@@ -111,42 +113,56 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("bench/results/readout_sweep.json"))
     args = ap.parse_args()
     qi, ql, _ = load_split(args.queries)
+    vi, vl, _ = load_split(args.val_queries)
     gi, gl, _ = load_split(args.gallery)
-    imgs, nq = np.concatenate([qi, gi]), len(qi)
+    nq, nv = len(qi), len(vi)
     c = ckpt.load(args.checkpoint)
     u = ckpt.untrained(c.model.cfg, seed=0)
+
+    def metrics(x: np.ndarray) -> dict:
+        """x rows: test queries, validation queries, gallery."""
+        g = x[nq + nv:]
+        return {"test": retrieval_metrics(x[:nq], ql, g, gl),
+                "val": retrieval_metrics(x[nq:nq + nv], vl, g, gl)}
+
     rows: dict[str, dict] = {}
-    for side in ("pixels16", "pixels16 +white64 +l2"):
-        x = pixel_vectors(imgs, 16)
-        if "white" in side:
-            x = l2_normalize(Whitening.fit(x[nq:], 64).apply(x))
-        rows[side] = {"baseline": retrieval_metrics(x[:nq], ql, x[nq:], gl)}
+    pix = pixel_vectors(np.concatenate([qi, vi, gi]), 16)
+    rows["pixels16"] = {"baseline": metrics(pix)}
+    rows["pixels16 +white64 +l2"] = {"baseline": metrics(
+        l2_normalize(Whitening.fit(pix[nq + nv:], 64).apply(pix)))}
     nets = {"trained": (c.model, c.sha256), "untrained": (u.model, u.sha256)}
-    feats = {name: features(m.eval(), sha, imgs, args.sigma, args.draws, 0, args.cache)
-             for name, (m, sha) in nets.items()}
-    for name in variants(feats["trained"], nq):
-        rows[name] = {}
-        for net, f in feats.items():
-            x = variants(f, nq)[name]()
-            rows[name][net] = retrieval_metrics(x[:nq], ql, x[nq:], gl)
-    p16 = rows["pixels16"]["baseline"]["knn@10"]
-    print(f"checkpoint {c.name} ({c.sha256[:12]}, {c.info.get('steps')} steps); {nq} queries vs "
-          f"{len(gi)} gallery; σ {args.sigma:g}, {args.draws} draws\n")
-    print("| readout | kNN@10 trained | kNN@10 untrained | trained / untrained | trained / pixels16 "
-          "| kNN@1 trained | mAP trained |\n|---|---|---|---|---|---|---|")
+    feats = {}
+    for name, (m, sha) in nets.items():   # test+gallery as idx eval caches it, then validation
+        tg = features(m.eval(), sha, np.concatenate([qi, gi]), args.sigma, args.draws, 0,
+                      args.cache)
+        val = features(m.eval(), sha, vi, args.sigma, args.draws, 0, args.cache)
+        feats[name] = {t: np.concatenate([tg[t][:nq], val[t], tg[t][nq:]]) for t in tg}
+    for name in variants(feats["trained"], nq + nv):
+        rows[name] = {net: metrics(variants(f, nq + nv)[name]()) for net, f in feats.items()}
+    p16 = rows["pixels16"]["baseline"]["test"]["knn@10"]
+    chosen = max((n for n in rows if "trained" in rows[n]),
+                 key=lambda n: rows[n]["trained"]["val"]["knn@10"])
+    print(f"checkpoint {c.name} ({c.sha256[:12]}, {c.info.get('steps')} steps); {nq} test "
+          f"queries, {nv} validation queries vs {len(gi)} gallery; σ {args.sigma:g}, "
+          f"{args.draws} draws; chosen on validation kNN@10: {chosen}\n")
+    print("| readout | kNN@10 val | kNN@10 test | untrained test | trained / untrained | "
+          "trained / pixels16 | kNN@1 test | mAP test |\n|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         if "baseline" in r:
-            b = r["baseline"]
-            print(f"| {name} | {b['knn@10']:.3f} | – | – | {b['knn@10'] / p16:.2f} | "
-                  f"{b['knn@1']:.3f} | {b['map']:.3f} |")
+            b, v = r["baseline"]["test"], r["baseline"]["val"]
+            print(f"| {name} | {v['knn@10']:.3f} | {b['knn@10']:.3f} | – | – | "
+                  f"{b['knn@10'] / p16:.2f} | {b['knn@1']:.3f} | {b['map']:.3f} |")
             continue
-        t, un = r["trained"], r["untrained"]
-        print(f"| {name} | {t['knn@10']:.3f} | {un['knn@10']:.3f} | {t['knn@10'] / un['knn@10']:.2f}"
-              f" | {t['knn@10'] / p16:.2f} | {t['knn@1']:.3f} | {t['map']:.3f} |")
+        t, un, v = r["trained"]["test"], r["untrained"]["test"], r["trained"]["val"]
+        mark = "**" if name == chosen else ""
+        print(f"| {mark}{name}{mark} | {v['knn@10']:.3f} | {t['knn@10']:.3f} | {un['knn@10']:.3f} "
+              f"| {t['knn@10'] / un['knn@10']:.2f} | {t['knn@10'] / p16:.2f} | {t['knn@1']:.3f} "
+              f"| {t['map']:.3f} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "checkpoint": c.name, "model_sha256": c.sha256, "steps": c.info.get("steps"),
-        "queries": args.queries, "gallery": args.gallery, "sigma": args.sigma,
+        "queries": args.queries, "val_queries": args.val_queries, "chosen_on_val": chosen,
+        "gallery": args.gallery, "sigma": args.sigma,
         "draws": args.draws, "rows": rows,
         "note": "every row costs the same φ pass; whitening fitted on the gallery (train split)",
         "torch_threads": torch.get_num_threads()}, indent=1))

@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 from phisearch.indexer import checkpoint as ckpt
@@ -80,3 +81,22 @@ def test_missing_checkpoint(tmp_path):
         ckpt.load(tmp_path / "nope.safetensors")
     with pytest.raises(FileNotFoundError, match="built-ins"):
         ckpt.load("no-such-builtin")
+
+
+def test_shipped_default_loads_with_no_arguments_and_records_its_numbers():
+    """The built-in default: its JSON records training, PSNR and eval numbers, and its default
+    readout's whitening is inside the safetensors (an index can be built with no arguments)."""
+    from phisearch.indexer.embedder import Embedder
+
+    c = ckpt.load()
+    assert c.info["preset"] == "small64" and c.sha256 == c.info["weights_sha256"]
+    assert c.info["steps"] > 0 and c.info["images_seen"] > 0
+    de = c.info["denoise_eval"]["sigmas"]
+    assert set(de) == {"0.05", "0.1", "0.2", "0.4"}
+    for row in de.values():
+        assert row["denoised"] > row["baseline"] and row["denoised"] > row["noisy"]
+    assert c.info["eval"]["knn@10"]["phi"] > c.info["eval"]["knn@10"]["pixels16"]
+    emb = Embedder.create(device="cpu")
+    assert emb.phi.readout == c.info["readout"] and emb.meta()["readout"] == c.info["readout"]
+    dense, mid = emb(np.zeros((2, 64, 64, 3), np.uint8))
+    assert dense.shape == (2, emb.meta()["dim"]) and mid.shape == (2, 256)

@@ -16,7 +16,6 @@ bench/results/readout_sweep.json and prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import time
@@ -28,7 +27,14 @@ import torch
 from phisearch.indexer import checkpoint as ckpt
 from phisearch.indexer.phi import MID_2X2, MID_MAX
 from phisearch.indexer.readout import Whitening, l2_normalize
-from phisearch.search.evaluate import embed_images, load_split, pixel_vectors, retrieval_metrics
+from phisearch.search.evaluate import (
+    cache_name,
+    embed_images,
+    images_digest,
+    load_split,
+    pixel_vectors,
+    retrieval_metrics,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("PHISEARCH_DATA", REPO.parent / "shared" / "data")) / "imagenette-64"
@@ -55,8 +61,7 @@ def features(model, sha: str, imgs: np.ndarray, sigma: float, draws: int, seed: 
              cache: Path | None) -> dict[str, np.ndarray]:
     """Block means of every image (cached under idx eval's file name for the same pass) and the
     middle block's other poolings (a second cache file)."""
-    images_sha = hashlib.blake2b(imgs.tobytes(), digest_size=8).hexdigest()
-    stem = f"{sha[:16]}_{images_sha}_s{float(sigma):g}_d{draws}_seed{seed}_cpu"
+    stem = cache_name(sha, images_digest(imgs), sigma, draws, seed, "cpu").removesuffix(".npz")
     got = _cached(cache / f"{stem}.npz" if cache else None, BLOCKS,
                   lambda: embed_images(model, imgs, sigma, draws, seed, BLOCKS))
     got.update(_cached(cache / f"{stem}_pool.npz" if cache else None, POOLED,

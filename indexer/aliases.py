@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .store import StoreConfig, StoreError, _read_json, _write_json, check_name
+from .store import StoreConfig, StoreError, _read_json, _write_json, check_name, edge_collections
 
 ALIASES_FILE = "aliases.json"
 
@@ -27,11 +27,6 @@ def edge_resolve(root: Path, name: str) -> str:
     if (Path(root) / name / "meta.json").is_file() or (Path(root) / name / "shard").exists():
         return name
     return edge_aliases(root).get(name, name)
-
-
-def _edge_collections(root: Path) -> set[str]:
-    return {d.name for d in Path(root).iterdir() if (d / "meta.json").is_file()} \
-        if Path(root).is_dir() else set()
 
 
 def _client(cfg: StoreConfig):
@@ -63,7 +58,7 @@ def set_alias(cfg: StoreConfig, alias: str, target: str) -> str | None:
         raise StoreError("an alias cannot point at itself")
     if not cfg.url:
         root = Path(cfg.path or "")
-        cols = _edge_collections(root)
+        cols = set(edge_collections(root))
         if target not in cols:
             raise StoreError(f"no collection {target} in store {root} (known: "
                              f"{', '.join(sorted(cols)) or 'none'})")
@@ -129,7 +124,7 @@ def overview(cfg: StoreConfig) -> list[dict]:
     out = []
     if not cfg.url:
         root = Path(cfg.path or "")
-        metas = {n: _read_json(root / n / "meta.json") or {} for n in sorted(_edge_collections(root))}
+        metas = {n: _read_json(root / n / "meta.json") or {} for n in edge_collections(root)}
     else:
         from dataclasses import replace
 

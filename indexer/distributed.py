@@ -30,6 +30,7 @@ from .pipeline import (
     BuildConfig,
     Writer,
     _record,
+    finish_summary,
     make_points,
     plan,
 )
@@ -259,42 +260,17 @@ def _summary(cfg: BuildConfig, store: Any, writer: Writer, meta: dict, todo: lis
              changed: int) -> dict:
     """pipeline.build's summary, with the stages taken over the ranks (the slowest rank's
     decode and φ time; φ throughput summed) and each rank's own figures under `ranks`."""
-    records = writer.records
     stats = stats or []
-    seconds = time.perf_counter() - t_start
-    summary = {
-        "indexed": indexed,
-        "skipped": dict(skipped),
-        "skipped_samples": skip_list,
-        "seconds": round(seconds, 2),
-        "img_per_s": round(indexed / seconds, 2) if seconds else 0.0,
-        "stages": {
-            "decode_wait_s": max((s["decode_wait_s"] for s in stats), default=0.0),
-            "phi_s": max((s["phi_s"] for s in stats), default=0.0),
-            "upsert_s": round(writer.seconds, 2),
-            "phi_img_per_s": round(sum(s["indexed"] / s["phi_s"] for s in stats
-                                       if s["phi_s"]), 2) or None,
-            "upsert_points_per_s": round(writer.written / writer.seconds, 1)
-            if writer.seconds else None,
-            "gather_s": round(t_comm, 2),
-        },
-        # the folder-file counts of a single-process build: shards only here, so all zero
-        **{k: 0 for k in ("new", "changed", "deleted", "unchanged")},
-        "folders": {},
-        "shards_indexed": len(todo) if not interrupted else None,
-        "shards_already_done": already,
-        "shards_changed": changed,
-        "points": store.count(),
-        "interrupted": interrupted,
-        "pending": [u for u in todo if u not in records],
-        "collection": cfg.store.collection,
-        "settings": {k: meta[k] for k in ("checkpoint", "model_sha256", "readout", "sigma",
-                                          "draws", "seed")},
-        "finished_at": time.time(),
-        "world_size": world,
-        "ranks": stats,
-    }
-    store.put_doc(LAST_RUN_DOC, {k: v for k, v in summary.items() if k != "skipped_samples"})
+    summary = finish_summary(
+        cfg, store, writer, meta, indexed=indexed, skipped=skipped, skip_list=skip_list,
+        t_start=t_start,
+        decode_s=max((s["decode_wait_s"] for s in stats), default=0.0),
+        phi_s=max((s["phi_s"] for s in stats), default=0.0),
+        phi_img_per_s=round(sum(s["indexed"] / s["phi_s"] for s in stats if s["phi_s"]), 2)
+        or None,
+        folders={},   # shards only: the folder-file counts of a single-process build are 0
+        todo=todo, already=already, changed=changed, interrupted=interrupted,
+        extra_stages={"gather_s": round(t_comm, 2)}, world_size=world, ranks=stats)
     if interrupted:
         raise KeyboardInterrupt
     return summary

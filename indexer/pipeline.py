@@ -352,6 +352,20 @@ def sync_pass(store: Store, meta: dict, emb: Embedder, cfg: BuildConfig, urls: l
             registry[root]["synced_at"] = time.time()
     if sources:
         store.put_doc(FOLDERS_DOC, registry)
+    return finish_summary(
+        cfg, store, writer, meta, indexed=indexed, skipped=skipped, skip_list=skip_list,
+        t_start=t_start, decode_s=round(t_decode, 2), phi_s=round(t_phi, 2),
+        phi_img_per_s=round(indexed / t_phi, 2) if t_phi else None, folders=folders, todo=todo,
+        already=len(already), changed=len(changed), interrupted=interrupted)
+
+
+def finish_summary(cfg: BuildConfig, store: Store, writer: Writer, meta: dict, *, indexed: int,
+                   skipped: Counter, skip_list: list[dict], t_start: float, decode_s: float,
+                   phi_s: float, phi_img_per_s: float | None, folders: dict, todo: list[str],
+                   already: int, changed: int, interrupted: bool, extra_stages: dict | None = None,
+                   **extra) -> dict:
+    """The build summary (CONTRACT `idx build --json`), shared by the single-process and the
+    distributed build, and stored as the last_run doc (without the listed skipped samples)."""
     seconds = time.perf_counter() - t_start
     summary = {
         "indexed": indexed,
@@ -360,24 +374,26 @@ def sync_pass(store: Store, meta: dict, emb: Embedder, cfg: BuildConfig, urls: l
         "seconds": round(seconds, 2),
         "img_per_s": round(indexed / seconds, 2) if seconds else 0.0,
         "stages": {
-            "decode_wait_s": round(t_decode, 2), "phi_s": round(t_phi, 2),
+            "decode_wait_s": decode_s, "phi_s": phi_s,
             "upsert_s": round(writer.seconds, 2),
-            "phi_img_per_s": round(indexed / t_phi, 2) if t_phi else None,
+            "phi_img_per_s": phi_img_per_s,
             "upsert_points_per_s": round(writer.written / writer.seconds, 1)
             if writer.seconds else None,
+            **(extra_stages or {}),
         },
         **{k: sum(f[k] for f in folders.values()) for k in FILE_COUNTS},
         "folders": folders,
         "shards_indexed": len(todo) if not interrupted else None,
-        "shards_already_done": len(already),
-        "shards_changed": len(changed),
+        "shards_already_done": already,
+        "shards_changed": changed,
         "points": store.count(),
         "interrupted": interrupted,
-        "pending": [u for u in todo if u not in records],
+        "pending": [u for u in todo if u not in writer.records],
         "collection": cfg.store.collection,
         "settings": {k: meta[k] for k in ("checkpoint", "model_sha256", "readout", "sigma",
                                           "draws", "seed")},
         "finished_at": time.time(),
+        **extra,
     }
     store.put_doc(LAST_RUN_DOC, {k: v for k, v in summary.items() if k != "skipped_samples"})
     return summary

@@ -272,6 +272,14 @@ def _read_json(path: Path) -> dict | None:
         raise StoreError(f"cannot read {path}: {e}") from e
 
 
+def edge_collections(root: Path) -> list[str]:
+    """The collections of an Edge store folder: sub-folders with a meta.json (no handle needed)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(d.name for d in root.iterdir() if (d / "meta.json").is_file())
+
+
 class EdgeStore(Store):
     """Qdrant Edge in-process: a shard folder per collection, with files beside it."""
 
@@ -477,9 +485,7 @@ class EdgeStore(Store):
         _write_json(self.dir / "docs" / f"{check_name(name, 'doc')}.json", plain(doc))
 
     def collections(self) -> list[str]:
-        if not self.root.is_dir():
-            return []
-        return sorted(d.name for d in self.root.iterdir() if (d / "meta.json").is_file())
+        return edge_collections(self.root)
 
     def optimize(self) -> None:
         if self.shard is not None:

@@ -112,6 +112,17 @@ def embed_images(model: torch.nn.Module, images: np.ndarray, sigma: float, draws
             for t in taps}
 
 
+def images_digest(images: np.ndarray) -> str:
+    """Identity of an image set for the vector cache (order matters)."""
+    return hashlib.blake2b(np.ascontiguousarray(images).tobytes(), digest_size=8).hexdigest()
+
+
+def cache_name(model_sha256: str, images_sha: str, sigma: float, draws: int, seed: int,
+               device: str) -> str:
+    """File name of one φ pass's cached tap means (`idx eval --cache`, bench scripts)."""
+    return f"{model_sha256[:16]}_{images_sha}_s{float(sigma):g}_d{draws}_seed{seed}_{device}.npz"
+
+
 def pixel_vectors(images: np.ndarray, side: int = 64) -> np.ndarray:
     """Flattened pixels in [0, 1]; side < 64 = area (average-pool) downsample first."""
     x = images.astype(np.float32) / 255.0
@@ -293,7 +304,7 @@ def evaluate(checkpoint: str | ckpt.Checkpoint | None, query_urls: Sequence[str]
     c.model.to(device).eval()
     u = ckpt.untrained(c.model.cfg, seed=st.random_init_seed, device=str(device))
     trained, untrained = _Net("phi", c.model, c.sha256), _Net("random_init", u.model, u.sha256)
-    images_sha = hashlib.blake2b(all_img.tobytes(), digest_size=8).hexdigest()
+    images_sha = images_digest(all_img)
 
     label = readout_label or c.info.get("readout") or "mid"
     defaults = c.info.get("phi_defaults") or {}
@@ -319,8 +330,8 @@ def evaluate(checkpoint: str | ckpt.Checkpoint | None, query_urls: Sequence[str]
 
             cache = None
             if st.cache_dir:
-                cache = Path(st.cache_dir) / (f"{net.sha256[:16]}_{images_sha}_s{float(sigma):g}"
-                                              f"_d{draws}_seed{st.seed}_{device.type}.npz")
+                cache = Path(st.cache_dir) / cache_name(net.sha256, images_sha, sigma, draws,
+                                                        st.seed, device.type)
             got = None
             if cache is not None and cache.is_file():
                 with np.load(cache) as z:

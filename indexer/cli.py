@@ -48,21 +48,26 @@ def train(
         "state restarts (warm restart) unless OUT already holds a run.")] = None,
     save_every: Annotated[float, typer.Option("--save-every-minutes", min=0.1)] = 3.0,
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    sigma_dist: Annotated[str, typer.Option(
+        "--sigma-dist", help="Training noise levels: paper (√σ uniform on [0, 1], SPEC §1) | "
+        "uniform (σ uniform: large σ 3x as often).")] = "paper",
 ) -> None:
     """Train the denoiser on WebDataset shards, or resume the run in OUT.
 
     Example: idx train --data 'imagenette-train-{000000..000009}.tar' --out runs/s64 --minutes 45
     """
-    from .train import TrainConfig
+    from .train import SIGMA_DISTS, TrainConfig
     from .train import train as run
 
     if minutes is None and steps is None:
         raise typer.BadParameter("give --minutes or --steps", param_hint="--minutes")
+    if sigma_dist not in SIGMA_DISTS:
+        raise typer.BadParameter(f"choose from {', '.join(SIGMA_DISTS)}", param_hint="--sigma-dist")
     cfg = TrainConfig(data=tuple(data), out=out, preset=preset, batch_size=batch_size, lr=lr,
                       halve_every_epochs=halve_every, max_steps=steps, minutes=minutes,
                       workers=workers, seed=seed, test_data=tuple(test_data or ()),
                       save_every_minutes=save_every, device=device, dtype=dtype, compile=compile,
-                      init_from=resume)
+                      init_from=resume, sigma_dist=sigma_dist)
     bar = progress(total=steps, desc="train", unit="step")
 
     def on_progress(p: dict) -> None:

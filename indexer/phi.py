@@ -64,10 +64,12 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 
 @torch.no_grad()
 def features(model: UNet, images: np.ndarray | Tensor, sigma: float, draws: int, seed: int,
-             taps: tuple[str, ...] = (MID,), amp_dtype: torch.dtype | None = None
-             ) -> dict[str, Tensor]:
+             taps: tuple[str, ...] = (MID,), amp_dtype: torch.dtype | None = None,
+             per_draw: bool = False) -> dict[str, Tensor]:
     """Spatial means of the named block inputs/outputs ("E1.out", "M.out", ...), averaged over
-    the draws. Returns {name: (N, C) float32 on the CPU}. Runs the decoder only if a tap needs it."""
+    the draws. Returns {name: (N, C) float32 on the CPU}. Runs the decoder only if a tap needs it.
+    per_draw: keep the draws apart, (draws, N, C). Draw j's noise does not depend on `draws`, so
+    the mean of the first d of them is exactly φ with d draws (bench/draws_sweep.py)."""
     pixels = as_uint8(images)
     x = as_float(images)
     n = x.shape[0]
@@ -94,7 +96,8 @@ def features(model: UNet, images: np.ndarray | Tensor, sigma: float, draws: int,
     missing = set(taps) - set(got)
     if missing:
         raise ValueError(f"unknown taps {sorted(missing)}; known: {sorted(got)}")
-    return {t: got[t].float().unflatten(0, (draws, n)).mean(0).cpu() for t in taps}
+    split = {t: got[t].float().unflatten(0, (draws, n)) for t in taps}   # (draws, N, C)
+    return {t: (v if per_draw else v.mean(0)).cpu() for t, v in split.items()}
 
 
 def phi(model: UNet, images: np.ndarray | Tensor, sigma: float, draws: int, seed: int,

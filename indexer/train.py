@@ -56,13 +56,21 @@ class TrainConfig:
     dtype: str = "auto"                   # auto (probe on CPU, bf16 on CUDA) | fp32 | bf16
     compile: bool = False                 # torch.compile on CUDA
     init_from: str | None = None          # warm start from this checkpoint (no optimizer state)
+    sigma_dist: str = "paper"             # paper (√σ uniform on [0, 1]) | uniform (σ uniform)
     curve_steps: tuple[int, ...] = field(default_factory=lambda: tuple(
         sorted({int(m * 10 ** e) for e in range(7) for m in (1, 2, 5)} | {0})))
 
 
-def sample_sigmas(n: int, generator: torch.Generator) -> torch.Tensor:
-    """σ ∈ [0, 1] with √σ uniform: density ∝ σ^-1/2, small σ frequent (SPEC §1)."""
-    return torch.rand(n, generator=generator) ** 2
+SIGMA_DISTS = ("paper", "uniform")
+
+
+def sample_sigmas(n: int, generator: torch.Generator, dist: str = "paper") -> torch.Tensor:
+    """σ ∈ [0, 1]. paper: √σ uniform, density ∝ σ^-1/2, small σ frequent (SPEC §1); uniform:
+    flat, so large σ (where only global content helps) are drawn 3x as often (issue 9)."""
+    if dist not in SIGMA_DISTS:
+        raise ValueError(f'unknown sigma distribution "{dist}"; choose from {SIGMA_DISTS}')
+    u = torch.rand(n, generator=generator)
+    return u ** 2 if dist == "paper" else u
 
 
 def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -302,7 +310,7 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
             for group in opt.param_groups:
                 group["lr"] = lr
             x = augment(as_float(batch.images()), g)
-            sig, z = sample_sigmas(len(x), g), torch.randn(x.shape, generator=g)
+            sig, z = sample_sigmas(len(x), g, cfg.sigma_dist), torch.randn(x.shape, generator=g)
             x, sig, z = x.to(device), sig.to(device), z.to(device)
             if device.type == "cuda":
                 x, z = x.contiguous(memory_format=torch.channels_last), z.contiguous(

@@ -96,19 +96,22 @@ def load_split(urls: Sequence[str] | str, limit: int | None = None
 
 def embed_images(model: torch.nn.Module, images: np.ndarray, sigma: float, draws: int, seed: int,
                  taps: Sequence[str], batch_size: int = 64,
-                 progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
+                 progress: Callable[[int], None] | None = None, per_draw: bool = False
+                 ) -> dict[str, np.ndarray]:
     """Spatial means of the taps for every image, via `phi.features` in batches:
-    {tap: (N, C) float32}. `progress(n)` is called with the number of images of each batch."""
+    {tap: (N, C) float32}, or (draws, N, C) with per_draw. `progress(n)` is called with the
+    number of images of each batch."""
     taps = tuple(dict.fromkeys(taps))
     parts: dict[str, list[np.ndarray]] = {t: [] for t in taps}
     for i in range(0, len(images), batch_size):
         chunk = images[i:i + batch_size]
-        got = features(model, chunk, sigma, draws, seed, taps)
+        got = features(model, chunk, sigma, draws, seed, taps, per_draw=per_draw)
         for t in taps:
             parts[t].append(got[t].numpy())
         if progress is not None:
             progress(len(chunk))
-    return {t: np.concatenate(parts[t]) if parts[t] else np.zeros((0, 0), np.float32)
+    # the image axis is the second to last either way
+    return {t: np.concatenate(parts[t], axis=-2) if parts[t] else np.zeros((0, 0), np.float32)
             for t in taps}
 
 

@@ -43,6 +43,13 @@ def test_unknown_option_is_usage_error():
     assert "Traceback" not in r.stderr and "--bogus" in r.stderr
 
 
+def test_bad_sigma_dist_is_usage_error(mini_shard, tmp_path):
+    r = idx("train", "--data", mini_shard, "--out", str(tmp_path), "--steps", "1",
+            "--sigma-dist", "log")
+    assert r.returncode == 2 and "--sigma-dist" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "model.safetensors").exists()
+
+
 def test_missing_data_is_one_line_error(tiny_checkpoint):
     r = idx("denoise-eval", "--data", "/nonexistent.tar", "--checkpoint", str(tiny_checkpoint))
     assert r.returncode == 1

@@ -81,3 +81,16 @@ def test_pooled_middle_block_taps_agree_with_the_mean() -> None:
     quads = f[MID_2X2].reshape(3, c, 4)
     assert torch.allclose(quads.mean(-1), f[MID], atol=1e-5)
     assert (f[MID_MAX] >= f[MID] - 1e-6).all()
+
+
+def test_per_draw_prefix_means_are_phi_with_fewer_draws(model, images):
+    """Draw j's noise does not depend on the number of draws, so one 8-draw pass kept per draw
+    gives φ for every d <= 8 exactly (what bench/draws_sweep.py relies on)."""
+    from phisearch.indexer.phi import MID, features
+
+    per = features(model, images[:5], 0.2, 8, 3, (MID,), per_draw=True)[MID]
+    assert per.shape == (8, 5, model.mid_channels)
+    for d in (1, 2, 4, 8):
+        assert torch.allclose(per[:d].mean(0), phi(model, images[:5], 0.2, d, 3), atol=1e-5,
+                              rtol=0)
+    assert (per[0] - per[1]).abs().max() > 1e-4

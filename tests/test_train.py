@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 import torch
 from phisearch.indexer import checkpoint as ckpt
-from phisearch.indexer.train import EVAL_SIGMAS, TrainConfig, denoise_eval, load_images, train
+from phisearch.indexer.train import (
+    EVAL_SIGMAS,
+    TrainConfig,
+    denoise_eval,
+    load_images,
+    sample_sigmas,
+    train,
+)
 
 
 def tiny_cfg(mini_shard, out, steps, **kw) -> TrainConfig:
@@ -38,6 +45,23 @@ def test_resume_continues(tmp_path, mini_shard):
     assert info["steps"] == 8 and info["images_seen"] == 64
     for step in (0, 1, 2, 5):
         assert (tmp_path / "curve" / f"step-{step:07d}.safetensors").is_file()
+
+
+def test_sigma_distributions():
+    """paper: √σ uniform (mean 1/3, P(σ > 0.5) = 1 - √0.5); uniform: mean 1/2, P(σ > 0.5) = 1/2."""
+    paper = sample_sigmas(200_000, torch.Generator().manual_seed(0))
+    flat = sample_sigmas(200_000, torch.Generator().manual_seed(0), "uniform")
+    assert 0 <= paper.min() and paper.max() <= 1 and 0 <= flat.min() and flat.max() <= 1
+    assert abs(paper.mean().item() - 1 / 3) < 0.005 and abs(flat.mean().item() - 0.5) < 0.005
+    assert abs((paper > 0.5).float().mean().item() - (1 - 0.5 ** 0.5)) < 0.005
+    assert abs((flat > 0.5).float().mean().item() - 0.5) < 0.005
+    with pytest.raises(ValueError, match="sigma distribution"):
+        sample_sigmas(4, torch.Generator(), "log")
+
+
+def test_sigma_dist_is_recorded(tmp_path, mini_shard):
+    path = train(tiny_cfg(mini_shard, tmp_path, 2, sigma_dist="uniform"))
+    assert json.loads(path.with_suffix(".json").read_text())["train"]["sigma_dist"] == "uniform"
 
 
 @pytest.fixture(scope="module")

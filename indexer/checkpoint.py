@@ -85,7 +85,7 @@ def save(model: UNet, path: str | os.PathLike, info: dict | None = None,
     if preset_name:
         info["preset"] = preset_name
     meta = {"config": model.cfg.to_json(), "weights_sha256": sha,
-            "preset": info.get("preset", ""), "format": "phisearch-unet-v1"}
+            "preset": info.get("preset") or "", "format": "phisearch-unet-v1"}
     tmp = path.with_suffix(".safetensors.tmp")
     save_file(tensors, str(tmp), metadata=meta)
     json_tmp = path.with_suffix(".json.tmp")

@@ -271,7 +271,9 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
         stop["flag"] = True
 
     old_handler = signal.signal(signal.SIGINT, on_sigint)
-    record = {"preset": cfg.preset if not cfg.init_from else None, "train": asdict(cfg),
+    # A warm start keeps the preset of the checkpoint it starts from (None for a custom config).
+    preset_name = (loaded.info.get("preset") or None) if cfg.init_from else cfg.preset
+    record = {"preset": preset_name, "train": asdict(cfg),
               "data": {"shards": urls, "samples": n_data}, "device": str(device),
               "dtype": str(amp or torch.float32)}
 

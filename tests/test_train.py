@@ -47,6 +47,21 @@ def test_resume_continues(tmp_path, mini_shard):
         assert (tmp_path / "curve" / f"step-{step:07d}.safetensors").is_file()
 
 
+def test_warm_start_from_a_checkpoint_saves_and_keeps_its_preset(tmp_path, tiny_checkpoint,
+                                                                  mini_shard):
+    """--resume C (weights only, Adam restarts): steps continue from C's count, and the run
+    saves like any other (a warm start once failed at its first save)."""
+    start = json.loads(tiny_checkpoint.with_suffix(".json").read_text())["steps"]
+    steps: list[int] = []
+    path = train(tiny_cfg(mini_shard, tmp_path, start + 2, init_from=str(tiny_checkpoint),
+                          save_every_minutes=0.0001), on_step=lambda s, v: steps.append(s))
+    assert steps == [start + 1, start + 2]
+    c = ckpt.load(path)
+    assert c.info["preset"] == "tiny" and c.info["steps"] == start + 2
+    assert c.info["train"]["init_from"] == str(tiny_checkpoint)
+    assert (tmp_path / "train_state.safetensors").is_file()
+
+
 def test_sigma_distributions():
     """paper: √σ uniform (mean 1/3, P(σ > 0.5) = 1 - √0.5); uniform: mean 1/2, P(σ > 0.5) = 1/2."""
     paper = sample_sigmas(200_000, torch.Generator().manual_seed(0))

@@ -40,7 +40,10 @@ from phisearch.search.evaluate import (
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("PHISEARCH_DATA", REPO.parent / "shared" / "data")) / "imagenette-64"
 BLOCKS = ("E1.out", "E2.out", "E3.out", "M.out")
-READOUTS = ("mid", "blocks+white128+l2", "blocks+white192+l2", "blocks+white256+l2")
+# "blocks+z+l2": per-channel normalization (z-scores from the gallery, no rotation), then L2.
+# "+white256^0.25": partial whitening, each principal axis scaled by λ^-0.25 instead of λ^-0.5.
+READOUTS = ("mid", "blocks+z+l2", "blocks+white128+l2", "blocks+white192+l2",
+            "blocks+white256+l2", "blocks+white256^0.25+l2")
 
 
 def per_draw_features(model: torch.nn.Module, sha: str, imgs: np.ndarray, sigma: float,
@@ -77,8 +80,15 @@ def readout(f: dict[str, np.ndarray], d: int, label: str, n_query: int) -> np.nd
     if label == "mid":
         return f["M.out"][:d].mean(0)
     x = np.concatenate([f[t][:d].mean(0) for t in BLOCKS], 1)
-    k = int(label.split("+white")[1].split("+")[0])
-    return l2_normalize(Whitening.fit(x[n_query:], k).apply(x))
+    if label == "blocks+z+l2":
+        g = x[n_query:]
+        return l2_normalize((x - g.mean(0)) / (g.std(0) + 1e-6))
+    k, _, power = label.split("+white")[1].split("+")[0].partition("^")
+    w = Whitening.fit(x[n_query:], int(k))
+    if power:   # column norms of proj are λ^-1/2 (unit principal axes): rescale to λ^-power
+        norms = np.linalg.norm(w.proj, axis=0)
+        w = Whitening(w.mean, w.proj * norms ** (2 * float(power) - 1))
+    return l2_normalize(w.apply(x))
 
 
 def main() -> None:

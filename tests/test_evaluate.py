@@ -208,6 +208,8 @@ def test_evaluate_uses_a_stored_whitening(tiny_ckpt: Path, mini_shard: str, tmp_
     assert r["readout"] == "blocks+white8"
     assert r["settings"]["whitening"]["phi"] == "stored in the checkpoint"
     assert "gallery" in r["settings"]["whitening"]["random_init"]
+    # other σ settings get a whitening of their own vectors (a stored one fits only its setting)
+    assert "gallery" in r["settings"]["whitening"]["phi_sigma0"]
     assert r["representations"]["phi"] != r["representations"]["phi_mid_raw"]
 
 

@@ -40,21 +40,26 @@ from phisearch.search.evaluate import (
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("PHISEARCH_DATA", REPO.parent / "shared" / "data")) / "imagenette-64"
 BLOCKS = ("E1.out", "E2.out", "E3.out", "M.out")
+DECODER = ("D3.out", "D2.out", "D1.out")   # --decoder: needs the full forward (4-5x the cost)
 # "blocks+z+l2": per-channel normalization (z-scores from the gallery, no rotation), then L2.
 # "+white256^0.25": partial whitening, each principal axis scaled by λ^-0.25 instead of λ^-0.5.
 READOUTS = ("mid", "blocks+z+l2", "blocks+white128+l2", "blocks+white192+l2",
             "blocks+white256+l2", "blocks+white256^0.25+l2")
+DECODER_READOUTS = ("blocks+white256+l2", "dec+white128+l2", "all+white256+l2",
+                    "all+white384+l2")
 
 
 def per_draw_features(model: torch.nn.Module, sha: str, imgs: np.ndarray, sigma: float,
-                      draws: int, cache: Path | None) -> tuple[dict[str, np.ndarray], float]:
+                      draws: int, cache: Path | None, taps: tuple[str, ...] = BLOCKS
+                      ) -> tuple[dict[str, np.ndarray], float]:
     """{tap: (draws, N, C)} block means of every image and draw, and the seconds per image of
     one draw (from the run that computed them). Cached as `<idx eval name>_perdraw.npz`."""
     draws = 1 if sigma == 0 else draws
     digest = images_digest(imgs)
 
     def cached(d: int) -> Path | None:
-        name = cache_name(sha, digest, sigma, d, 0, "cpu").replace(".npz", "_perdraw.npz")
+        suffix = "_perdraw.npz" if taps == BLOCKS else "_perdraw_dec.npz"
+        name = cache_name(sha, digest, sigma, d, 0, "cpu").replace(".npz", suffix)
         return cache / name if cache else None
 
     path = cached(draws)
@@ -63,9 +68,9 @@ def per_draw_features(model: torch.nn.Module, sha: str, imgs: np.ndarray, sigma:
             p = cached(d)
             if p.is_file():
                 with np.load(p) as z:
-                    return {t: z[t][:draws] for t in BLOCKS}, float(z["__sec_per_pass__"])
+                    return {t: z[t][:draws] for t in taps}, float(z["__sec_per_pass__"])
     t0 = time.perf_counter()
-    got = embed_images(model, imgs, sigma, draws, 0, BLOCKS, per_draw=True)
+    got = embed_images(model, imgs, sigma, draws, 0, taps, per_draw=True)
     sec = (time.perf_counter() - t0) / (len(imgs) * draws)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -79,7 +84,9 @@ def readout(f: dict[str, np.ndarray], d: int, label: str, n_query: int) -> np.nd
     """One readout of φ with the first d draws; whitening fitted on the gallery rows."""
     if label == "mid":
         return f["M.out"][:d].mean(0)
-    x = np.concatenate([f[t][:d].mean(0) for t in BLOCKS], 1)
+    name = label.split("+")[0]
+    taps = {"blocks": BLOCKS, "all": BLOCKS + DECODER, "dec": DECODER}[name]
+    x = np.concatenate([f[t][:d].mean(0) for t in taps], 1)
     if label == "blocks+z+l2":
         g = x[n_query:]
         return l2_normalize((x - g.mean(0)) / (g.std(0) + 1e-6))
@@ -100,6 +107,9 @@ def main() -> None:
     ap.add_argument("--gallery", default=str(DATA / "imagenette-train-{000000..000004}.tar"))
     ap.add_argument("--sigmas", default="0,0.2,0.3")
     ap.add_argument("--max-draws", type=int, default=16)
+    ap.add_argument("--decoder", action="store_true",
+                    help="Also the decoder blocks' means (full forward): readouts all = "
+                    "encoder + middle + decoder, dec = decoder only.")
     ap.add_argument("--cache", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=Path("bench/results/draws_sweep.json"))
     args = ap.parse_args()
@@ -131,15 +141,16 @@ def main() -> None:
         print(f"{net} σ={sigma} d={d} {lab}: val {m['val']['knn@10']:.3f} "
               f"test {m['test']['knn@10']:.3f}", flush=True)
 
+    taps, readouts = (BLOCKS + DECODER, DECODER_READOUTS) if args.decoder else (BLOCKS, READOUTS)
     for net, c in nets.items():
         per_sigma = {}
         for sigma in sigmas:
             f, sec = per_draw_features(c.model.eval(), c.sha256, imgs, sigma, args.max_draws,
-                                       args.cache)
+                                       args.cache, taps)
             per_sigma[sigma] = (f, sec)
             n_draws = f["M.out"].shape[0]
             for d in sorted({d for d in (1, 2, 4, 8, 16, 32, 64) if d <= n_draws} | {n_draws}):
-                for lab in READOUTS:
+                for lab in readouts:
                     add(net, sigma, d, lab, readout(f, d, lab, nq + nv), sec * d)
         # Two noise levels side by side, whitened together: what the network sees of an image
         # at a low and a high σ (one readout, the cost of both passes).

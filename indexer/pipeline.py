@@ -395,7 +395,16 @@ def finish_summary(cfg: BuildConfig, store: Store, writer: Writer, meta: dict, *
         "finished_at": time.time(),
         **extra,
     }
-    store.put_doc(LAST_RUN_DOC, {k: v for k, v in summary.items() if k != "skipped_samples"})
+    doc = {k: v for k, v in summary.items() if k != "skipped_samples"}
+    previous = store.get_doc(LAST_RUN_DOC) or {}
+    nothing_done = (not indexed and not todo and not interrupted and not skipped
+                    and not any(summary[k] for k in ("new", "changed", "deleted")))
+    if nothing_done and previous.get("finished_at"):
+        # A rebuild that found everything done keeps the last real run's summary for
+        # `idx status` (it used to overwrite it with "0 indexed"), noting when it checked.
+        doc = {k: v for k, v in previous.items() if k != "running_since"}
+        doc.update(pending=[], checked_at=summary["finished_at"])
+    store.put_doc(LAST_RUN_DOC, doc)
     return summary
 
 

@@ -108,6 +108,10 @@ def test_build_mini_then_query_and_rebuild(store_cfg, mini_shard, tiny_ckpt):
     st = status(store_cfg)
     assert st["points"] == 100 and st["shards_done"] == 1 and st["shards_pending"] == 0
     assert st["sigma"] == 0.2 and st["draws"] == 2
+    # the no-op rebuild kept the summary of the build that indexed, and says when it checked
+    assert st["last_run"]["indexed"] == 100 and st["last_run"]["pending"] == []
+    assert st["last_run"]["checked_at"] >= st["last_run"]["finished_at"]
+    assert "running_since" not in st["last_run"]
 
 
 def test_mismatched_settings_are_refused(store_cfg, mini_shard, tiny_ckpt, tmp_path):

@@ -107,12 +107,20 @@ def main() -> None:
     ap.add_argument("--gallery", default=str(DATA / "imagenette-train-{000000..000004}.tar"))
     ap.add_argument("--sigmas", default="0,0.2,0.3")
     ap.add_argument("--max-draws", type=int, default=16)
+    ap.add_argument("--fit-extra", default=None,
+                    help="More train shards whose vectors join the gallery's in fitting the "
+                    "whitenings (not searched), e.g. imagenette-train-{000005..000009}.tar.")
+    ap.add_argument("--flip", action="store_true",
+                    help="Average each image's block means with its mirror image's (2x the "
+                    "passes): a test-time augmentation.")
     ap.add_argument("--decoder", action="store_true",
                     help="Also the decoder blocks' means (full forward): readouts all = "
                     "encoder + middle + decoder, dec = decoder only.")
     ap.add_argument("--cache", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=Path("bench/results/draws_sweep.json"))
     args = ap.parse_args()
+    if args.flip and args.fit_extra:
+        ap.error("--flip and --fit-extra are separate experiments; give one")
     sigmas = [float(s) for s in args.sigmas.split(",")]
     qi, ql, _ = load_split(args.queries)
     vi, vl, _ = load_split(args.val_queries)
@@ -126,12 +134,15 @@ def main() -> None:
     first = next(iter(nets.values()))
     nets["untrained"] = ckpt.untrained(first.model.cfg, seed=0)
 
+    extra = load_split(args.fit_extra)[0] if args.fit_extra else imgs[:0]
+    ng = len(gi)
+
     def metrics(x: np.ndarray) -> dict:
-        g = x[nq + nv:]
+        g = x[nq + nv:nq + nv + ng]   # rows after the gallery only fit whitenings
         return {"test": retrieval_metrics(x[:nq], ql, g, gl),
                 "val": retrieval_metrics(x[nq:nq + nv], vl, g, gl)}
 
-    p16 = metrics(pixel_vectors(imgs, 16))
+    p16 = metrics(pixel_vectors(imgs, 16))   # (no extra rows: the metrics ignore them)
     rows: list[dict] = []
 
     def add(net: str, sigma: str | float, d: int, lab: str, x: np.ndarray, sec: float) -> None:
@@ -147,6 +158,15 @@ def main() -> None:
         for sigma in sigmas:
             f, sec = per_draw_features(c.model.eval(), c.sha256, imgs, sigma, args.max_draws,
                                        args.cache, taps)
+            if len(extra):
+                fx, _ = per_draw_features(c.model.eval(), c.sha256, extra, sigma,
+                                          args.max_draws, args.cache, taps)
+                f = {t: np.concatenate([f[t], fx[t]], axis=1) for t in f}
+            if args.flip:   # (N, H, W, 3): W is axis 2
+                ff, _ = per_draw_features(c.model.eval(), c.sha256,
+                                          np.ascontiguousarray(imgs[:, :, ::-1]), sigma,
+                                          args.max_draws, args.cache, taps)
+                f, sec = {t: (f[t] + ff[t]) / 2 for t in f}, 2 * sec
             per_sigma[sigma] = (f, sec)
             n_draws = f["M.out"].shape[0]
             for d in sorted({d for d in (1, 2, 4, 8, 16, 32, 64) if d <= n_draws} | {n_draws}):
@@ -184,6 +204,8 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "queries": args.queries, "val_queries": args.val_queries, "gallery": args.gallery,
+        "whitening_fitted_on": "gallery" + (f" + {args.fit_extra}" if args.fit_extra else ""),
+        "flip_averaged": args.flip,
         "pixels16": p16, "rows": rows,
         "chosen_on_val": {k: chosen[k] for k in ("net", "sigma", "draws", "readout")},
         "note": "φ with d draws = mean of the first d of max-draws per-draw passes (exact); "

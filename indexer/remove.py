@@ -56,7 +56,7 @@ def remove(cfg: StoreConfig, flt: dict, confirm: Callable[[int], bool] = lambda 
             elif url:
                 shard_urls.add(url)
         result = {"matched": matched, "deleted": 0, "records_removed": [],
-                  "collection": store.name if hasattr(store, "name") else cfg.collection}
+                  "collection": store.name}
         if dry_run or matched == 0 or not confirm(matched):
             return result
         records = store.get_doc(SHARDS_DOC) or {}

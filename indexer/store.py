@@ -192,6 +192,7 @@ class Store(ABC):
 
     backend: str
     cfg: StoreConfig
+    name: str   # the collection actually opened (an alias resolved to its target)
 
     @abstractmethod
     def meta(self) -> dict | None: ...

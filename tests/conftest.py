@@ -4,7 +4,6 @@ tiny trained checkpoint."""
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,6 @@ import torch
 torch.set_num_threads(int(os.environ.get("PHISEARCH_TEST_THREADS", "1")))
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # `import fixtures` from the tests
 
 MINI = "imagenette-mini-000000.tar"
 

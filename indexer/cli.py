@@ -219,7 +219,8 @@ def build(
         bar.set_postfix(written=p["written"], skipped=p["skipped"], refresh=False)
 
     stop = threading.Event()
-    previous = signal.getsignal(signal.SIGINT) if distributed else _stop_on_sigint(stop)
+    previous = ({sig: signal.getsignal(sig) for sig in STOP_SIGNALS} if distributed
+                else _stop_on_signals(stop))
     try:
         if watch:
             from .sync import watch as run_watch
@@ -237,7 +238,8 @@ def build(
         raise UserError("interrupted: finished shards and files are recorded; rerun the same "
                         "command to resume") from None
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     bar.close()
     if summary is None:   # a distributed rank other than 0: rank 0 prints the summary
         return
@@ -263,8 +265,12 @@ def build(
             typer.echo(f"  {s['shard']} {s['key'] or '-'}: {s['reason']} {s['detail']}", err=True)
 
 
-def _stop_on_sigint(stop: threading.Event):
-    """First Ctrl-C: finish the current batch, store everything, stop. Second: abort now."""
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _stop_on_signals(stop: threading.Event) -> dict:
+    """First Ctrl-C or SIGTERM (docker stop, timeout): finish the current batch, store
+    everything, close the store, stop. A second one: abort now. Returns the old handlers."""
 
     def handler(signum: int, frame: object) -> None:
         if stop.is_set():
@@ -272,7 +278,7 @@ def _stop_on_sigint(stop: threading.Event):
         stop.set()
         typer.echo("stopping after the current batch (Ctrl-C again to abort)", err=True)
 
-    return signal.signal(signal.SIGINT, handler)
+    return {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
 
 
 def _print_sync(s: dict, json_out: bool) -> None:

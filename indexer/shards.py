@@ -7,15 +7,19 @@ sample it holds, so the writer can mark a shard complete exactly when its last p
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
+import multiprocessing
 import os
 import random
 import signal
 import tarfile
+import threading
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -275,10 +279,67 @@ class ShardStream(IterableDataset):
             yield batch
 
 
-def _worker_init(_: int) -> None:
+WORKER_START = "forkserver"   # see loader(): workers never inherit the store's descriptors
+
+
+def _process_key(pid: int) -> str | None:
+    """The pid's start time from /proc (None when it is gone or a zombie): a pid can be
+    reused, and a killed parent stays a zombie until its own parent reaps it."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] in "ZX" else fields[19]
+
+
+def _parent_watch(main_pid: int, key: str | None) -> None:
+    """A worker's watchdog thread: exit the moment the main process is gone. A worker blocked
+    writing a batch into a full pipe would otherwise outlive a killed build for minutes, and
+    its copies of the forkserver's descriptors keep that server (and its tracker) alive."""
+    while True:
+        time.sleep(0.25)
+        if key is not None:
+            if _process_key(main_pid) != key:
+                os._exit(1)
+            continue
+        try:                      # no /proc: a plain existence check
+            os.kill(main_pid, 0)
+        except OSError:
+            os._exit(1)
+
+
+def _worker_init(main_pid: int, _: int) -> None:
     # Ctrl-C reaches the whole process group: the main process decides how to stop (finish the
     # current batch), so a worker killed by SIGINT mid-batch must not make that batch fail.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # SIGTERM is for the main process too (it stops like Ctrl-C); we die with our parent.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _die_with_parent()
+    key = _process_key(main_pid) if Path("/proc/self/stat").exists() else None
+    if key is None and Path("/proc/self/stat").exists():
+        os._exit(1)               # the main process died before this worker started
+    threading.Thread(target=_parent_watch, args=(main_pid, key), daemon=True,
+                     name="phisearch-parent-watch").start()
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this process when its parent (the forkserver, which exits when the main
+    process does) dies."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _context() -> multiprocessing.context.BaseContext:
+    """Workers start from a forkserver (itself started by exec, so it holds no descriptor of
+    ours): a forked worker would inherit the Edge shard's WAL lock and our collection lock and
+    keep the store locked after the build is killed. The server preloads this module, so a
+    worker starts in about 0.2 s (a spawned one takes 2-3 s to import torch)."""
+    ctx = multiprocessing.get_context(WORKER_START)
+    ctx.set_forkserver_preload([__name__])
+    return ctx
 
 
 def loader(urls: list[str], batch_size: int, workers: int = 1, **kw) -> DataLoader:
@@ -289,4 +350,5 @@ def loader(urls: list[str], batch_size: int, workers: int = 1, **kw) -> DataLoad
     workers = max(0, workers)
     return DataLoader(ShardStream(urls, batch_size, **kw), batch_size=None, num_workers=workers,
                       persistent_workers=False, prefetch_factor=4 if workers else None,
-                      worker_init_fn=_worker_init if workers else None)
+                      worker_init_fn=partial(_worker_init, os.getpid()) if workers else None,
+                      multiprocessing_context=_context() if workers else None)

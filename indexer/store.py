@@ -8,8 +8,9 @@ collection, so `count()` always equals the number of indexed samples (CONTRACT.m
           <path>/<collection>/meta.json   collection metadata
           <path>/<collection>/docs/*.json documents, replaced atomically
   Server: collection <collection> plus a companion <collection>__phisearch_meta (store_server.py).
-Edge allows one open handle per shard folder, so opening a held store waits `busy_wait`
-seconds and then raises StoreBusy.
+Edge allows one open handle per shard folder, and loading a shard that another process is
+closing can lose its points, so every open takes our lock (store_lock.py) first, waits for it up
+to `busy_wait` seconds and then raises StoreBusy; the lock is released after close().
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
+
+from .store_lock import CollectionLock, LockTimeout, describe
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -73,7 +76,7 @@ class StoreConfig:
     collection: str = "phisearch"
     prefer_grpc: bool = False
     timeout: float = 30.0
-    busy_wait: float = 10.0        # Edge: seconds to retry opening a held shard before StoreBusy
+    busy_wait: float = 10.0        # Edge: seconds to wait for a held collection's lock
 
 
 @dataclass
@@ -299,8 +302,22 @@ class EdgeStore(Store):
         self.shard_dir = self.dir / "shard"
         self.shard = None
         self._dim: int | None = None
-        if self.shard_dir.exists():   # a collection not yet built is opened by ensure()
-            self.shard = self._load()
+        # Every open takes our lock first and keeps it until close(): no phisearch process
+        # ever calls EdgeShard.load on a shard another may hold (store_lock.py says why).
+        self.lock = CollectionLock(self.root, self.name)
+        try:
+            self.lock.acquire(cfg.busy_wait)
+        except LockTimeout as e:
+            who = describe(e.holder)
+            raise StoreBusy(f"{self.where} is in use by another process"
+                            f"{f' ({who})' if who else ''} (e.g. a running idx build); retry "
+                            "when it finishes") from None
+        try:
+            if self.shard_dir.exists():   # a collection not yet built is opened by ensure()
+                self.shard = self._load()
+        except BaseException:
+            self.lock.release()
+            raise
 
     @property
     def where(self) -> str:
@@ -314,20 +331,16 @@ class EdgeStore(Store):
             sparse_vectors={SPARSE: qe.EdgeSparseVectorParams()})
 
     def _load(self, config=None):
-        """EdgeShard.load, retried while another handle holds the WAL lock (WouldBlock)."""
-        deadline = time.monotonic() + self.cfg.busy_wait
-        while True:
-            try:
-                return self.qe.EdgeShard.load(str(self.shard_dir), config)
-            except Exception as e:
-                if "WouldBlock" not in str(e):
-                    raise StoreError(f"cannot open {self.where}: {e}") from e
-                if time.monotonic() >= deadline:
-                    raise StoreBusy(f"{self.where} is in "
-                                    "use by another process (e.g. a running idx build); retry "
-                                    "when it finishes") from None
-                log.info("%s is held by another handle; retrying", self.where)
-                time.sleep(0.2)
+        """EdgeShard.load, under our lock. Never retried: a load attempted on a shard that is
+        being closed can cost it its points, so a WouldBlock here means a process outside
+        phisearch's lock holds the shard, and we say so instead of trying again."""
+        try:
+            return self.qe.EdgeShard.load(str(self.shard_dir), config)
+        except Exception as e:
+            if "WouldBlock" in str(e):
+                raise StoreBusy(f"{self.where} is held by a process that does not take "
+                                f"phisearch's lock ({self.lock.path}); close it and retry") from None
+            raise StoreError(f"cannot open {self.where}: {e}") from e
 
     def _need(self):
         if self.shard is None:
@@ -493,16 +506,21 @@ class EdgeStore(Store):
             self.shard.optimize()
 
     def drop(self) -> None:
-        self.close()
-        if self.shard_dir.exists():   # take the lock first: never delete a held shard
-            self._load().close()
+        # We hold the collection's lock, so no other phisearch process has the shard open.
+        if self.shard is not None:
+            self.shard.close()
+            self.shard = None
         shutil.rmtree(self.dir, ignore_errors=True)
         self._dim = None
 
     def close(self) -> None:
-        if self.shard is not None:
-            self.shard.close()
-            self.shard = None
+        """Close the shard, then let go of the lock (in that order: see store_lock.py)."""
+        try:
+            if self.shard is not None:
+                self.shard.close()
+                self.shard = None
+        finally:
+            self.lock.release()
 
 
 def open_store(cfg: StoreConfig) -> Store:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -20,6 +21,7 @@ from .cli_common import (
     StagedProgress,
     StoreOpt,
     UrlOpt,
+    UsageError,
     UserError,
     emit_json,
     progress,
@@ -243,9 +245,19 @@ def build(
     bar.close()
     if summary is None:   # a distributed rank other than 0: rank 0 prints the summary
         return
+    failed = summary.get("shards_failed") or []
     if json_out:
         emit_json(summary)
-        return
+    else:
+        _print_build(summary)
+    for f in failed:
+        typer.echo(f"error: shard {f['shard']}: {f['reason']} ({f['detail']}); not recorded "
+                   "as done", err=True)
+    if failed and not summary["indexed"]:
+        raise typer.Exit(1)   # nothing indexed and shards that could not be read: a failure
+
+
+def _print_build(summary: dict) -> None:
     st = summary["stages"]
     typer.echo(f"indexed {summary['indexed']} images in {summary['seconds']:.1f} s "
                f"({summary['img_per_s']:.1f} img/s); collection now holds {summary['points']} "
@@ -336,14 +348,27 @@ def status(
                f"sigma {st['sigma']}, draws {st['draws']}, seed {st['seed']}, "
                f"schema v{st['schema_version']}")
     if st.get("last_run"):
-        lr = st["last_run"]
-        typer.echo(f"last run: {lr['indexed']} indexed at {lr['img_per_s']} img/s")
+        typer.echo(f"last run: {_last_run_line(st['last_run'])}")
     if len(st["collections"]) > 1 or any(c["aliases"] for c in st["collections"]):
         typer.echo("collections:")
         for c in st["collections"]:
             alias = f"  (aliases: {', '.join(c['aliases'])})" if c["aliases"] else ""
             typer.echo(f"  {c['name']}: model {str(c['model_sha256'])[:12]} ({c['checkpoint']}), "
                        f"readout {c['readout']}, sigma {c['sigma']}, draws {c['draws']}{alias}")
+
+
+def _last_run_line(lr: dict) -> str:
+    """A build that finished, was interrupted, or never got to its summary (killed)."""
+    if "indexed" not in lr:   # only the start-of-run record: killed or still running
+        since = time.strftime("%Y-%m-%d %H:%M", time.localtime(lr.get("running_since", 0)))
+        return (f"started {since} and did not finish (killed, or still running); "
+                f"{len(lr.get('pending', []))} shards were pending: rerun to resume")
+    line = f"{lr['indexed']} indexed at {lr.get('img_per_s', 0)} img/s"
+    if lr.get("interrupted"):
+        line += f", interrupted ({len(lr.get('pending', []))} shards pending: rerun to resume)"
+    if lr.get("shards_failed"):
+        line += f", {len(lr['shards_failed'])} shards failed"
+    return line
 
 
 def fit_readout(
@@ -364,21 +389,32 @@ def fit_readout(
                                      "(readout label ends in +l2).")] = False,
     sqrt: Annotated[bool, typer.Option("--sqrt/--no-sqrt", help="Square-root the means before "
                                        "whitening (label NAME+sqrt+whiteK).")] = False,
+    out: Annotated[str | None, typer.Option(
+        "--out", help="Write a new checkpoint here (a .safetensors path that does not exist) "
+        "instead of rewriting CHECKPOINT; required for a built-in checkpoint.")] = None,
 ) -> None:
     """Fit a whitened readout (PCA to DIMS, unit variance) on training shards and store it in
     the checkpoint; the weights and the model's sha256 stay the same.
 
     Example: idx fit-readout --checkpoint runs/s64/model.safetensors --data 'train-{000000..000009}.tar'
     """
+    from . import checkpoint as ckpt
     from .readout import fit_into_checkpoint
     from .shards import expand
 
+    src = ckpt.resolve(checkpoint)
+    if out is None and src.resolve().parent == ckpt.BUILTIN_DIR.resolve():
+        raise UsageError(f"{checkpoint} is a checkpoint shipped inside phisearch; pass --out "
+                         "NEW.safetensors to write a copy with the readout")
+    if out is not None and (not out.endswith(".safetensors") or Path(out).exists()):
+        raise UsageError(f"--out must name a new .safetensors file ({out} "
+                         f"{'exists' if Path(out).exists() else 'does not end in .safetensors'})")
     bar = progress(desc="fit-readout")
-    label = fit_into_checkpoint(checkpoint, expand(data), readout, dims, sigma, draws, seed,
+    label = fit_into_checkpoint(str(src), expand(data), readout, dims, sigma, draws, seed,
                                 limit, default, on_batch=bar.update, l2=l2,
-                                sqrt=sqrt)
+                                sqrt=sqrt, out=out)
     bar.close()
-    typer.echo(f"stored readout {label} in {checkpoint}", err=True)
+    typer.echo(f"stored readout {label} in {out or src}", err=True)
 
 
 def cluster(

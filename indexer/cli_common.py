@@ -19,6 +19,21 @@ class UserError(Exception):
     """A problem the user can fix: printed as one line, exit 1."""
 
 
+class UsageError(UserError):
+    """The command line itself is wrong (a missing selector, a value outside its choices):
+    printed as one line, exit 2, as Typer's own usage errors."""
+
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def check_device(name: str) -> str:
+    """--device callback: a usage error (exit 2) before anything is loaded."""
+    if name not in DEVICES:
+        raise typer.BadParameter(f'unknown device "{name}"; use {", ".join(DEVICES)}')
+    return name
+
+
 def default_store() -> str:
     return os.environ.get("PHISEARCH_STORE", str(Path.home() / ".phisearch" / "store"))
 
@@ -28,7 +43,8 @@ DataOpt = Annotated[list[str], typer.Option("--data", help="Shard path, brace pa
 CheckpointOpt = Annotated[str | None, typer.Option(
     "--checkpoint", help="A .safetensors file or a built-in name (default: the shipped model).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda",
+                                         callback=check_device)]
 StoreOpt = Annotated[str | None, typer.Option(
     "--store", help="Embedded Qdrant Edge store folder (default $PHISEARCH_STORE or "
     "~/.phisearch/store).")]

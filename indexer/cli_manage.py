@@ -16,11 +16,13 @@ from .cli_common import (
     JsonOpt,
     StoreOpt,
     UrlOpt,
+    UsageError,
     UserError,
     emit_json,
     store_config,
     where,
 )
+from .store import StoreError
 
 YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
 
@@ -50,7 +52,10 @@ def remove(
     from .remove import remove as run
     from .remove import selection
 
-    flt = selection(key, os.path.basename(shard) if shard else None, dataset, filter_json)
+    try:
+        flt = selection(key, os.path.basename(shard) if shard else None, dataset, filter_json)
+    except StoreError as e:   # no selector, or a filter that is not a JSON object: usage
+        raise UsageError(str(e)) from None
     scfg = store_config(store, qdrant_url, api_key, collection)
 
     def confirm(n: int) -> bool:

@@ -26,15 +26,16 @@ from .embedder import Embedder
 from .pipeline import (
     LAST_RUN_DOC,
     MAX_LISTED_SKIPS,
-    SHARDS_DOC,
     BuildConfig,
     Writer,
     _record,
     finish_summary,
+    load_records,
     make_points,
     plan,
+    shard_failures,
 )
-from .shards import Batch, expand, folder_info, loader
+from .shards import Batch, Skip, expand, folder_info, loader
 from .store import IDENTITY_KEYS, PointData, StoreError, open_store
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ def _run(cfg: BuildConfig, on_progress: Callable[[dict], None] | None, device: s
         try:
             store = open_store(cfg.store)
             store.ensure(meta)
-            records: dict = store.get_doc(SHARDS_DOC) or {}
+            records = load_records(store, urls)
             todo, done_before, changed_urls = plan(urls, records)
             already, changed = len(done_before), len(changed_urls)
             stale = {}
@@ -154,6 +155,7 @@ def _steps(cfg: BuildConfig, on_progress: Callable[[dict], None] | None, emb: Em
     mine_indexed = indexed = 0
     skipped: Counter[str] = Counter()
     skip_list: list[dict] = []
+    failed: list[dict] = []
     interrupted = False
     it = iter(loader(mine, cfg.batch_size, workers=cfg.workers, dataset=cfg.dataset)) \
         if mine else iter(())
@@ -171,16 +173,23 @@ def _steps(cfg: BuildConfig, on_progress: Callable[[dict], None] | None, emb: Em
                         dense, mid = emb(batch.images())
                         t_phi += time.perf_counter() - t0
                         points = make_points(batch.samples, dense, mid, meta)
+                        kept = []
                         for s, p in zip(batch.samples, points):
+                            if p.id in ids_by_shard[s.shard]:   # a key twice in one tar
+                                batch.skips.append(Skip(s.shard, s.key, "duplicate_key",
+                                                        "the first is kept"))
+                                continue
                             per_shard[s.shard]["indexed"] += 1
                             ids_by_shard[s.shard].add(p.id)
+                            kept.append(p)
+                        points = kept
                     for s in batch.skips:
                         per_shard[s.shard]["skip:" + s.reason] += 1
                     done = [(url, _record(url, per_shard.pop(url, Counter()),
                                           ids_by_shard.pop(url, set())))
                             for url in batch.shards_done]
                     mine_indexed += len(points)
-                    msg = (points, done, batch.skips)
+                    msg = (points, done, batch.skips, shard_failures(batch))
             except Exception as e:  # noqa: BLE001 - tell rank 0; never leave it waiting in gather
                 msg = ("error", f"rank {me}: {type(e).__name__}: {e}")
                 err: BaseException | None = e
@@ -191,7 +200,7 @@ def _steps(cfg: BuildConfig, on_progress: Callable[[dict], None] | None, emb: Em
             dist.gather_object(msg, gathered, dst=0, group=group)
             state, step_points = ["go"], 0
             if me == 0:
-                state[0], step_points = _take(gathered, writer, skipped, skip_list)
+                state[0], step_points = _take(gathered, writer, skipped, skip_list, failed)
                 indexed += step_points
             dist.broadcast_object_list(state, src=0, group=group)
             t_comm += time.perf_counter() - t0
@@ -224,11 +233,11 @@ def _steps(cfg: BuildConfig, on_progress: Callable[[dict], None] | None, emb: Em
         raise writer.error
     return _summary(cfg, store, writer, meta, todo, stats if not interrupted else None,
                     indexed, skipped, skip_list, t_start, t_comm, world, interrupted,
-                    already, changed)
+                    already, changed, failed)
 
 
-def _take(gathered: list[Any], writer: Writer, skipped: Counter, skip_list: list[dict]
-          ) -> tuple[str, int]:
+def _take(gathered: list[Any], writer: Writer, skipped: Counter, skip_list: list[dict],
+          failed: list[dict]) -> tuple[str, int]:
     """Rank 0: queue every rank's points and finished shards, in rank order. Returns the state
     all ranks continue with (go, end when every rank is out of shards, or abort: <why>) and the
     number of points queued."""
@@ -240,7 +249,8 @@ def _take(gathered: list[Any], writer: Writer, skipped: Counter, skip_list: list
         for m in gathered:
             if m is None:
                 continue
-            points, done, skips = m
+            points, done, skips, failures = m
+            failed += failures
             for s in skips:
                 skipped[s.reason] += 1
                 if len(skip_list) < MAX_LISTED_SKIPS:
@@ -257,7 +267,7 @@ def _take(gathered: list[Any], writer: Writer, skipped: Counter, skip_list: list
 def _summary(cfg: BuildConfig, store: Any, writer: Writer, meta: dict, todo: list[str],
              stats: list[dict] | None, indexed: int, skipped: Counter, skip_list: list[dict],
              t_start: float, t_comm: float, world: int, interrupted: bool, already: int,
-             changed: int) -> dict:
+             changed: int, failed: list[dict]) -> dict:
     """pipeline.build's summary, with the stages taken over the ranks (the slowest rank's
     decode and φ time; φ throughput summed) and each rank's own figures under `ranks`."""
     stats = stats or []
@@ -269,7 +279,7 @@ def _summary(cfg: BuildConfig, store: Any, writer: Writer, meta: dict, todo: lis
         phi_img_per_s=round(sum(s["indexed"] / s["phi_s"] for s in stats if s["phi_s"]), 2)
         or None,
         folders={},   # shards only: the folder-file counts of a single-process build are 0
-        todo=todo, already=already, changed=changed, interrupted=interrupted,
+        todo=todo, already=already, changed=changed, interrupted=interrupted, failed=failed,
         extra_stages={"gather_s": round(t_comm, 2)}, world_size=world, ranks=stats)
     if interrupted:
         raise KeyboardInterrupt

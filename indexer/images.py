@@ -6,6 +6,7 @@ EXIF orientation applied, converted to RGB, center-cropped to a square, area-res
 from __future__ import annotations
 
 import io
+import threading
 import warnings
 
 import numpy as np
@@ -16,6 +17,8 @@ MIN_SIDE = 16                    # below this an image carries too little to res
 MAX_PIXELS = 64_000_000          # larger images are refused as decompression bombs
 MAX_BYTES = 64 * 1024 * 1024     # encoded size limit
 DRAFT_MIN = 4 * SIZE             # JPEGs are DCT-downscaled no further than this (a side)
+LARGE_PIXELS = 4_000_000         # images above this decode one or two at a time (memory)
+LARGE_DECODES = threading.BoundedSemaphore(2)
 
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
@@ -29,16 +32,47 @@ class BadImage(ValueError):
         self.detail = detail
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode to 8-bit RGB. 16-bit and float images are scaled, not clipped."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        a = np.asarray(img, dtype=np.float64)
-        hi = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
-        return Image.fromarray(np.clip(a / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
+REDUCE_MIN = 4 * DRAFT_MIN       # large non-JPEG images are box-reduced to no less than this
+
+
+def _reduce_factor(img: Image.Image) -> int:
+    """An integer box-downscale keeping at least REDUCE_MIN px a side (1 for every image up to
+    2048 px): memory for huge images, at no visible cost after the final area resize."""
+    return max(1, min(img.size) // REDUCE_MIN)
+
+
+def _high_depth_to_rgb(img: Image.Image) -> Image.Image:
+    """16-bit, 32-bit and float images to 8-bit RGB, scaled (not clipped). The pixels are
+    box-averaged down first, in float32, so an 8000x8000 16-bit PNG costs about its own size
+    in memory rather than eight float64 copies of it."""
+    f = _reduce_factor(img)
+    w, h = img.size
+    w, h = (w // f) * f, (h // f) * f
+    a = np.empty((h // f, w // f), np.float32)
+    step = max(1, 512 // f)   # output rows per strip: only a strip is ever copied out of PIL
+    for r in range(0, h // f, step):
+        r1 = min(h // f, r + step)
+        strip = np.asarray(img.crop((0, r * f, w, r1 * f))).astype(np.float32)
+        a[r:r1] = strip.reshape(r1 - r, f, w // f, f).mean(axis=(1, 3))
     if img.mode == "F":
-        a = np.asarray(img, dtype=np.float64)
-        scale = 255.0 if a.max() <= 1.0 else 1.0
-        return Image.fromarray(np.clip(a * scale + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
+        scale = 255.0 if float(a.max(initial=0.0)) <= 1.0 else 1.0
+    else:
+        hi = 65535.0 if img.mode.startswith("I;16") or float(a.max(initial=0.0)) > 255 else 255.0
+        scale = 255.0 / hi
+    a *= scale
+    a += 0.5
+    np.clip(a, 0, 255, out=a)
+    return Image.fromarray(a.astype(np.uint8)).convert("RGB")
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB. 16-bit and float images are scaled, not clipped. Large
+    images are box-reduced first (an area average, as the final resize is)."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        return _high_depth_to_rgb(img)
+    f = _reduce_factor(img)
+    if f > 1 and img.mode in ("L", "LA", "RGB", "RGBA", "RGBa", "La", "CMYK"):
+        img = img.reduce(f)
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         # Composite transparent pixels on white rather than on whatever colour they hide.
         rgba = img.convert("RGBA")
@@ -74,14 +108,29 @@ def decode(data: bytes, size: int = SIZE) -> np.ndarray:
             # A camera JPEG decodes 4-8x faster scaled down in the DCT (an area average too);
             # at least DRAFT_MIN px a side are kept, so small images (every shard) are untouched.
             img.draft(None, (DRAFT_MIN, DRAFT_MIN))
-            img.load()
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise BadImage("too_large", str(e)) from None
         except UnidentifiedImageError:
             raise BadImage("not_an_image", "unrecognized format") from None
         except (OSError, SyntaxError, ValueError, EOFError) as e:
             raise BadImage("corrupt_image", str(e).splitlines()[0][:200]) from None
-        return from_pil(img, size)
+        w, h = img.size
+        if w * h > MAX_PIXELS:
+            raise BadImage("too_large", f"{w}x{h} pixels")
+        if w * h <= LARGE_PIXELS:
+            return _load_and_fit(img, size)
+        with LARGE_DECODES:   # a few large decodes at a time bound a server's peak memory
+            return _load_and_fit(img, size)
+
+
+def _load_and_fit(img: Image.Image, size: int) -> np.ndarray:
+    try:
+        img.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadImage("too_large", str(e)) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise BadImage("corrupt_image", str(e).splitlines()[0][:200]) from None
+    return from_pil(img, size)
 
 
 def to_tensor_batch(images: np.ndarray):

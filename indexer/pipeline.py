@@ -27,7 +27,7 @@ from PIL import Image
 from .config import PhiConfig
 from .embedder import Embedder, sparse_of
 from .folders import FOLDERS_DOC, FolderSource, doc_name, resolve_root
-from .shards import Batch, Sample, expand, fingerprint, folder_info, loader
+from .shards import Batch, Sample, expand, fingerprint, folder_info, loader, shard_key
 from .store import PointData, Store, StoreConfig, open_store, point_id
 
 log = logging.getLogger(__name__)
@@ -167,6 +167,31 @@ class Writer(threading.Thread):
         self.q.put((points, done, folders))
 
 
+def load_records(store: Store, urls: list[str], write: bool = True) -> dict:
+    """The resume records, keyed by resolved shard path (shards.shard_key). Records written
+    by older versions were keyed by the path as typed; they are re-keyed here (to the resolved
+    path when it exists from here, else to the shard of this run with the same file name and
+    fingerprint), duplicates of one shard merged (the latest kept), and written back."""
+    records: dict = store.get_doc(SHARDS_DOC) or {}
+    by_name: dict[str, list[str]] = defaultdict(list)
+    for url in urls:
+        by_name[os.path.basename(url)].append(url)
+    migrated: dict = {}
+    for key, rec in records.items():
+        new = key
+        if not key.startswith("pipe:") and not os.path.isabs(key):
+            new = shard_key(key) if os.path.exists(key) else next(
+                (u for u in by_name.get(os.path.basename(key), [])
+                 if os.path.exists(u) and fingerprint(u) == rec.get("fingerprint")), key)
+        old = migrated.get(new)
+        if old is None or rec.get("completed_at", 0) >= old.get("completed_at", 0):
+            migrated[new] = rec
+    if migrated != records and write:
+        log.info("resume records re-keyed by resolved path: %d -> %d", len(records), len(migrated))
+        store.put_doc(SHARDS_DOC, migrated)
+    return migrated
+
+
 def plan(urls: list[str], records: dict) -> tuple[list[str], list[str], list[str]]:
     """(to index, already done, changed since done). A shard is done by name and fingerprint."""
     todo, done, changed = [], [], []
@@ -236,7 +261,7 @@ def sync_pass(store: Store, meta: dict, emb: Embedder, cfg: BuildConfig, urls: l
     """One pass: unfinished shards and the new, changed and gone files of the folders (of the
     `only` paths in them, for watch mode). Returns the summary; never raises on a stop."""
     t_start = time.perf_counter()
-    records: dict = store.get_doc(SHARDS_DOC) or {}
+    records = load_records(store, urls)
     todo, already, changed = plan(urls, records)
     stale = {}
     for url in changed:  # remember the points of a changed shard; delete the vanished ones
@@ -262,6 +287,7 @@ def sync_pass(store: Store, meta: dict, emb: Embedder, cfg: BuildConfig, urls: l
     ids_by_shard: dict[str, set[str]] = defaultdict(set)
     skipped: Counter[str] = Counter()
     skip_list: list[dict] = []
+    failed: list[dict] = []
     t_decode = t_phi = 0.0
     indexed = 0
     interrupted = False
@@ -278,6 +304,7 @@ def sync_pass(store: Store, meta: dict, emb: Embedder, cfg: BuildConfig, urls: l
                 if batch is None:
                     break
                 updates: dict[str, FolderUpdate] = defaultdict(FolderUpdate)
+                failed += shard_failures(batch)
                 for s in batch.skips:
                     skipped[s.reason] += 1
                     if len(skip_list) < MAX_LISTED_SKIPS:
@@ -308,16 +335,26 @@ def sync_pass(store: Store, meta: dict, emb: Embedder, cfg: BuildConfig, urls: l
                     dense, mid = emb(batch.images())
                     t_phi += time.perf_counter() - t0
                     points = make_points(batch.samples, dense, mid, meta)
+                    kept: list[PointData] = []
                     for s, p in zip(batch.samples, points):
                         src = by_root.get(s.shard)
                         if src is None:
+                            if p.id in ids_by_shard[s.shard]:   # a key twice in one tar
+                                per_shard[s.shard]["skip:duplicate_key"] += 1
+                                skipped["duplicate_key"] += 1
+                                log.warning("skipped %s %s: duplicate_key (the first is kept)",
+                                            s.shard, s.key)
+                                continue
                             per_shard[s.shard]["indexed"] += 1
                             ids_by_shard[s.shard].add(p.id)
+                            kept.append(p)
                             continue
+                        kept.append(p)
                         c = per_folder[src.root]
                         c["changed" if s.key in src.record else "new"] += 1
                         c["indexed"] += 1
                         updates[src.root].files[s.key] = s.fp
+                    points = kept
                 walked.update(batch.folders_done)
                 done = [(url, _record(url, per_shard.pop(url, Counter()),
                                       ids_by_shard.pop(url, set())))
@@ -356,14 +393,23 @@ def sync_pass(store: Store, meta: dict, emb: Embedder, cfg: BuildConfig, urls: l
         cfg, store, writer, meta, indexed=indexed, skipped=skipped, skip_list=skip_list,
         t_start=t_start, decode_s=round(t_decode, 2), phi_s=round(t_phi, 2),
         phi_img_per_s=round(indexed / t_phi, 2) if t_phi else None, folders=folders, todo=todo,
-        already=len(already), changed=len(changed), interrupted=interrupted)
+        already=len(already), changed=len(changed), interrupted=interrupted, failed=failed)
+
+
+def shard_failures(batch: Batch) -> list[dict]:
+    """The batch's failed shards as summary entries, each logged on one line."""
+    out = []
+    for f in batch.shards_failed:
+        log.warning("shard failed, not recorded as done: %s: %s %s", f.shard, f.reason, f.detail)
+        out.append(dict(shard=f.shard, reason=f.reason, detail=f.detail))
+    return out
 
 
 def finish_summary(cfg: BuildConfig, store: Store, writer: Writer, meta: dict, *, indexed: int,
                    skipped: Counter, skip_list: list[dict], t_start: float, decode_s: float,
                    phi_s: float, phi_img_per_s: float | None, folders: dict, todo: list[str],
-                   already: int, changed: int, interrupted: bool, extra_stages: dict | None = None,
-                   **extra) -> dict:
+                   already: int, changed: int, interrupted: bool, failed: list[dict],
+                   extra_stages: dict | None = None, **extra) -> dict:
     """The build summary (CONTRACT `idx build --json`), shared by the single-process and the
     distributed build, and stored as the last_run doc (without the listed skipped samples)."""
     seconds = time.perf_counter() - t_start
@@ -383,7 +429,8 @@ def finish_summary(cfg: BuildConfig, store: Store, writer: Writer, meta: dict, *
         },
         **{k: sum(f[k] for f in folders.values()) for k in FILE_COUNTS},
         "folders": folders,
-        "shards_indexed": len(todo) if not interrupted else None,
+        "shards_indexed": len(todo) - len(failed) if not interrupted else None,
+        "shards_failed": failed,
         "shards_already_done": already,
         "shards_changed": changed,
         "points": store.count(),

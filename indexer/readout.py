@@ -169,11 +169,12 @@ def parse_label(label: str) -> ReadoutSpec:
 def fit_into_checkpoint(checkpoint: str, urls: list[str], name: str, dims: int | Sequence[int],
                         sigma: float, draws: int, seed: int, limit: int | None = None,
                         make_default: bool = True, on_batch=None, l2: bool = False,
-                        sqrt: bool = False) -> str:
+                        sqrt: bool = False, out: str | None = None) -> str:
     """Fit whitened readouts (one per entry of `dims`, all from one pass over the shards) and
     store them inside the checkpoint (extras 'readout.<name>+white<K>.mean/.proj'); the weights,
     and so the model's sha256, are unchanged. Returns the label of the first, e.g.
-    'blocks+white64' (+'+l2' with l2), which becomes the default with make_default."""
+    'blocks+white64' (+'+l2' with l2), which becomes the default with make_default. With
+    `out`, the checkpoint is written there instead (weights, config and the new readouts)."""
     from . import checkpoint as ckpt
     from .phi import features
     from .shards import loader
@@ -205,6 +206,6 @@ def fit_into_checkpoint(checkpoint: str, urls: list[str], name: str, dims: int |
     if make_default:
         info["readout"] = label
         info["phi_defaults"] = {"sigma": sigma, "draws": draws, "seed": seed}
-    ckpt.save(c.model, c.path, info, dtype=c.weights_dtype, preset_name=info.get("preset"),
-              extras=extras)
+    ckpt.save(c.model, out or c.path, info, dtype=c.weights_dtype,
+              preset_name=info.get("preset"), extras=extras)
     return label

@@ -9,11 +9,13 @@ keep simply means not building that data again.
 from __future__ import annotations
 
 import json
+import os
 from collections import defaultdict
 from collections.abc import Callable
 
 from .folders import doc_name
 from .pipeline import SHARDS_DOC
+from .shards import shard_key
 from .store import StoreConfig, StoreError, open_store, parse_filter
 
 
@@ -60,7 +62,12 @@ def remove(cfg: StoreConfig, flt: dict, confirm: Callable[[int], bool] = lambda 
         if dry_run or matched == 0 or not confirm(matched):
             return result
         records = store.get_doc(SHARDS_DOC) or {}
-        gone = sorted(u for u in records if u in shard_urls)
+        # Points written before records were keyed by resolved path carry the path as typed:
+        # match on the resolved path too, and on the file name (clearing one record too many
+        # only makes a later build index that shard again; never the other way round).
+        names = {os.path.basename(u) for u in shard_urls}
+        keys = shard_urls | {shard_key(u) for u in shard_urls}
+        gone = sorted(u for u in records if u in keys or os.path.basename(u) in names)
         # Records first: an interruption after this leaves data to re-index, never a record
         # that claims points which are gone.
         if gone:

@@ -61,10 +61,20 @@ class Skip:
 
 
 @dataclass
+class ShardFailed:
+    """A shard that could not be read as a whole (not a tar, empty, a failed pipe command): an
+    error for that shard, never recorded as done, so the next run tries it again."""
+    shard: str
+    reason: str              # not_a_tar | empty_shard | pipe_failed | unreadable_shard
+    detail: str = ""
+
+
+@dataclass
 class Batch:
     samples: list[Sample] = field(default_factory=list)
     skips: list[Skip] = field(default_factory=list)
     shards_done: list[str] = field(default_factory=list)
+    shards_failed: list[ShardFailed] = field(default_factory=list)
     events: list[FileEvent] = field(default_factory=list)   # folder files: unchanged, deleted
     folders_done: list[str] = field(default_factory=list)   # folder roots this worker walked
 
@@ -78,14 +88,22 @@ class Batch:
         return len(self.samples)
 
 
+def shard_key(url: str) -> str:
+    """A shard's identity for resume records: its resolved absolute path (so `../x.tar`,
+    `/abs/x.tar` and `x.tar` from its folder are one shard); `pipe:` commands as given."""
+    return url if url.startswith("pipe:") else os.path.realpath(os.path.expanduser(url))
+
+
 def expand(patterns: Iterable[str]) -> list[str]:
-    """Paths, brace patterns and `pipe:` commands -> a list of shard urls. Missing local files
-    are an error up front, not a skip in the middle of a run."""
+    """Paths, brace patterns and `pipe:` commands -> a list of shard urls (local paths resolved,
+    see shard_key). Missing local files are an error up front, not a skip in the middle of a
+    run."""
     urls: list[str] = []
     for pattern in patterns:
         for url in braceexpand(str(pattern)):
-            if not url.startswith("pipe:") and not Path(url).is_file():
+            if not url.startswith("pipe:") and not Path(url).expanduser().is_file():
                 raise FileNotFoundError(f"shard not found: {url}")
+            url = shard_key(url)
             if url not in urls:
                 urls.append(url)
     if not urls:
@@ -139,8 +157,10 @@ def _reason(exn: Exception) -> str:
     return "read_error"
 
 
-def read_shard(url: str) -> Iterator[dict | Skip]:
-    """Raw webdataset samples of one shard (dicts of bytes), and Skips for what failed to read."""
+def read_shard(url: str) -> Iterator[dict | Skip | ShardFailed]:
+    """Raw webdataset samples of one shard (dicts of bytes) and Skips for what failed to read.
+    A shard with no readable sample at all ends with ShardFailed instead (not a tar, an empty
+    file, a pipe command that failed), as does a pipe command that exits with an error."""
     errors: list[Exception] = []
 
     def handler(exn: Exception) -> bool:
@@ -148,6 +168,7 @@ def read_shard(url: str) -> Iterator[dict | Skip]:
         return True
 
     truncated = {"seen": False}
+    first_error: list[Skip] = []
 
     def drain() -> Iterator[Skip]:
         while errors:
@@ -157,21 +178,44 @@ def read_shard(url: str) -> Iterator[dict | Skip]:
                 if truncated["seen"]:
                     continue
                 truncated["seen"] = True
-            yield Skip(url, None, reason, str(exn.args[0] if exn.args else exn)[:200])
+            skip = Skip(url, None, reason, str(exn.args[0] if exn.args else exn)[:200])
+            if n_raw:
+                yield skip
+            elif not first_error:  # nothing read yet: judged at the end (a shard failure?)
+                first_error.append(skip)
 
     try:
         stream = gopen(url)
-    except Exception as exn:  # noqa: BLE001 - reported as a counted skip, the run goes on
-        yield Skip(url, None, _reason(exn), str(exn)[:200])
+    except Exception as exn:  # noqa: BLE001 - a failure of this shard; the run goes on
+        yield ShardFailed(url, _reason(exn), one_line(exn))
         return
+    n_raw = 0
     try:
         files = tar_file_expander([dict(url=url, stream=stream)], handler=handler)
         for raw in group_by_keys(files, handler=handler):
             yield from drain()
+            n_raw += 1
             yield raw
         yield from drain()
     finally:
-        stream.close()
+        try:
+            stream.close()
+            closed = None
+        except OSError as exn:      # gopen's pipe: the command exited with an error
+            closed = exn
+    if closed is not None:
+        yield ShardFailed(url, "pipe_failed", one_line(closed))
+    elif not n_raw and first_error:
+        detail = first_error[0].detail
+        yield ShardFailed(url, "empty_shard" if "empty file" in detail else "not_a_tar", detail)
+
+
+def one_line(exn: BaseException) -> str:
+    """An exception as one short line (gopen's pipe errors carry a tuple of arguments)."""
+    text = str(exn.args[0] if len(exn.args) == 1 else exn)
+    if "exit " in text and "(read)" in text:   # gopen: "(('cmd',), {...}): exit 1 (read) {}"
+        text = "exit " + text.split("exit ", 1)[1].split(" (read)")[0]
+    return " ".join(text.split())[:200]
 
 
 def decode_sample(raw: dict, url: str, info: FolderInfo) -> Sample | Skip:
@@ -228,19 +272,26 @@ class ShardStream(IterableDataset):
             return urls[wid::n]
         return urls[wid::n]
 
-    def _items(self) -> Iterator[Sample | Skip | str]:
-        """Samples, skips and file events; a bare string is the url of a shard that just ended,
-        a ("folder_done", root) tuple a folder this worker finished."""
+    def _items(self) -> Iterator[Sample | Skip | ShardFailed | str]:
+        """Samples, skips and file events; a bare string is the url of a shard that just ended
+        (a failed shard ends with its ShardFailed instead), a ("folder_done", root) tuple a
+        folder this worker finished."""
         epoch = 0
         while True:
             good = 0
             for url in self._my_shards(epoch):
                 info = folder_info(url, self.dataset)
+                failed = False
                 for raw in read_shard(url):
-                    item = raw if isinstance(raw, Skip) else decode_sample(raw, url, info)
+                    if isinstance(raw, (Skip, ShardFailed)):
+                        failed = failed or isinstance(raw, ShardFailed)
+                        item = raw
+                    else:
+                        item = decode_sample(raw, url, info)
                     good += isinstance(item, Sample)
                     yield item
-                yield url
+                if not failed:
+                    yield url
             wi = torch.utils.data.get_worker_info()
             wid, n = (wi.id, wi.num_workers) if wi else (0, 1)
             for src in self.folders:
@@ -265,6 +316,8 @@ class ShardStream(IterableDataset):
                 batch.samples.append(item)
             elif isinstance(item, Skip):
                 batch.skips.append(item)
+            elif isinstance(item, ShardFailed):
+                batch.shards_failed.append(item)
             elif isinstance(item, FileEvent):
                 batch.events.append(item)
             elif isinstance(item, tuple):
@@ -274,8 +327,8 @@ class ShardStream(IterableDataset):
             if len(batch.samples) >= self.batch_size:
                 yield batch
                 batch = Batch()
-        if batch.samples or batch.skips or batch.shards_done or batch.events \
-                or batch.folders_done:
+        if batch.samples or batch.skips or batch.shards_done or batch.shards_failed \
+                or batch.events or batch.folders_done:
             yield batch
 
 
@@ -312,8 +365,7 @@ def _worker_init(main_pid: int, _: int) -> None:
     # Ctrl-C reaches the whole process group: the main process decides how to stop (finish the
     # current batch), so a worker killed by SIGINT mid-batch must not make that batch fail.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # SIGTERM is for the main process too (it stops like Ctrl-C); we die with our parent.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # SIGTERM keeps its default: multiprocessing ends workers with it at exit.
     _die_with_parent()
     key = _process_key(main_pid) if Path("/proc/self/stat").exists() else None
     if key is None and Path("/proc/self/stat").exists():

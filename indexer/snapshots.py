@@ -17,9 +17,16 @@ import tarfile
 import time
 from pathlib import Path
 
-from .store import EdgeStore, StoreConfig, StoreError, _write_json, open_store
-
-SNAPSHOT_DIR = ".snapshots"
+from .store import (
+    SNAPSHOT_DIR,
+    EdgeStore,
+    StoreConfig,
+    StoreError,
+    _write_json,
+    finish_swap,
+    open_store,
+    swap_journal,
+)
 
 
 def _edge_dir(store: EdgeStore) -> Path:
@@ -96,12 +103,18 @@ def restore(cfg: StoreConfig, name: str) -> dict:
             points = int(probe.count(store.qe.CountRequest(exact=True)))
             probe.close()
             trash = store.root / f".trash-{store.name}-{time.time_ns()}"
-            # While we hold the live handle no build can start; rename both folders, then let go.
+            # We hold the collection's lock: no one else opens it during the swap. Close the
+            # live shard, journal the swap, rename both folders; a kill anywhere in between is
+            # finished or undone by the next open (store.finish_swap).
+            if store.shard is not None:
+                store.shard.close()
+                store.shard = None
+            _write_json(swap_journal(store.root, store.name),
+                        {"staging": str(staging), "trash": str(trash)})
             if store.dir.exists():
                 store.dir.rename(trash)
             staging.rename(store.dir)
-            store.close()
-            shutil.rmtree(trash, ignore_errors=True)
+            finish_swap(store.root, store.name, interrupted=False)   # journal, trash: gone
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return {"name": name, "collection": store.name, "points": points}

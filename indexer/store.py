@@ -20,7 +20,6 @@ import logging
 import os
 import re
 import shutil
-import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -49,6 +48,7 @@ INDEXES = {"label": "integer", "cluster_id": "integer", "split": "keyword", "sha
            "dataset": "keyword", "key": "keyword"}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _RANGE_OPS = ("gt", "gte", "lt", "lte")
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1   # Qdrant's integer payloads
 
 
 def point_id(dataset: str, key: str) -> str:
@@ -137,6 +137,8 @@ def _scalar(v: Any) -> Any:
         return bool(v)
     if isinstance(v, (int, np.integer)) or (isinstance(v, (float, np.floating))
                                             and float(v).is_integer()):
+        if not INT64_MIN <= int(v) <= INT64_MAX:
+            raise StoreError(f"cannot match on {v}: integers are 64-bit in Qdrant")
         return int(v)
     if isinstance(v, str):
         return v
@@ -313,6 +315,8 @@ class EdgeStore(Store):
                             f"{f' ({who})' if who else ''} (e.g. a running idx build); retry "
                             "when it finishes") from None
         try:
+            finish_swap(self.root, self.name)   # a restore killed mid-swap: finish or undo it
+            clean_temporaries(self.root, self.name)
             if self.shard_dir.exists():   # a collection not yet built is opened by ensure()
                 self.shard = self._load()
         except BaseException:
@@ -521,6 +525,61 @@ class EdgeStore(Store):
                 self.shard = None
         finally:
             self.lock.release()
+
+
+# -- Edge folder maintenance, done by whoever holds the collection's lock -------------------
+# A snapshot restore swaps the collection folder for a staged one with two renames. It writes a
+# journal first, so a process killed between the renames leaves a swap the next open finishes
+# (the staged folder was checked to open before the journal was written) or undoes.
+
+SNAPSHOT_DIR = ".snapshots"
+
+
+def swap_journal(root: Path, name: str) -> Path:
+    return Path(root) / f".swap-{name}.json"
+
+
+def finish_swap(root: Path, name: str, interrupted: bool = True) -> str | None:
+    """Complete or roll back an interrupted swap of collection `name`; returns what was done.
+    The restore itself calls it too (interrupted=False) to drop the journal and the trash."""
+    journal = swap_journal(root, name)
+    job = _read_json(journal) if journal.exists() else None
+    if job is None:
+        return None
+    live, staging, trash = Path(root) / name, Path(job["staging"]), Path(job["trash"])
+    if not live.exists() and staging.exists():
+        staging.rename(live)            # killed between the two renames: roll forward
+        done = "finished"
+    elif not live.exists() and trash.exists():
+        trash.rename(live)              # the staged folder is gone: put the old one back
+        done = "rolled back"
+    elif staging.exists():
+        done = "rolled back"            # killed before the live folder moved: drop the copy
+    else:
+        done = "completed"
+    journal.unlink()
+    shutil.rmtree(trash, ignore_errors=True)
+    shutil.rmtree(staging, ignore_errors=True)
+    if interrupted:
+        log.warning("an interrupted snapshot restore of %s was %s", name, done)
+    return done
+
+
+def clean_temporaries(root: Path, name: str) -> list[str]:
+    """Remove what killed snapshot operations left for `name`: staged restores, trash folders
+    and half-written archives. Only a holder of the lock writes these, so any left are stale."""
+    root = Path(root)
+    gone = [p for pat in (f".restore-{name}-*", f".trash-{name}-*") for p in root.glob(pat)]
+    gone += list((root / SNAPSHOT_DIR / name).glob(".*.tar.gz.tmp"))
+    for p in gone:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    if gone:
+        log.warning("removed %d stale temporaries of interrupted snapshot operations on %s",
+                    len(gone), name)
+    return [str(p) for p in gone]
 
 
 def open_store(cfg: StoreConfig) -> Store:

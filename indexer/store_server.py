@@ -107,7 +107,12 @@ class ServerStore(Store):
             raise
         except UnexpectedResponse as e:
             hint = " (check --api-key / QDRANT_API_KEY)" if e.status_code in (401, 403) else ""
-            detail = e.content.decode(errors="replace")[:300] if e.content else e.reason_phrase
+            body = e.content.decode(errors="replace") if e.content else ""
+            if body.lstrip().startswith("<") or "html" in body[:200].lower():
+                raise StoreError(f"{self.cfg.url} answered {what} with an HTML page (HTTP "
+                                 f"{e.status_code} {e.reason_phrase}): not a Qdrant server? "
+                                 "check --qdrant-url") from None
+            detail = " ".join(body.split())[:200] if body else e.reason_phrase
             raise StoreError(f"Qdrant at {self.cfg.url} refused {what}: HTTP {e.status_code} "
                              f"{detail}{hint}") from None
         except Exception as e:

@@ -15,9 +15,9 @@ from .embedder import Embedder
 from .folders import FileEvent, hidden, is_image_name, resolve_root, scan
 from .pipeline import (
     FILE_COUNTS,
-    SHARDS_DOC,
     BuildConfig,
     folder_sources,
+    load_records,
     plan,
     split_data,
     sync_pass,
@@ -35,7 +35,7 @@ def dry_run(cfg: BuildConfig) -> dict:
     urls = expand(patterns) if patterns else []
     with open_store(cfg.store) as store:
         exists = store.meta() is not None
-        records = (store.get_doc(SHARDS_DOC) or {}) if exists else {}
+        records = load_records(store, urls, write=False) if exists else {}
         todo, already, changed = plan(urls, records)
         sources, _, _ = folder_sources(store, roots, cfg)
         points = store.count() if exists else 0

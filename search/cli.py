@@ -15,11 +15,15 @@ from phisearch.indexer.cli_common import (
     StagedProgress,
     StoreOpt,
     UrlOpt,
+    UsageError,
     UserError,
     emit_json,
     store_config,
     where,
 )
+
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1   # Qdrant's integer payloads (store.INT64_*)
 
 
 def query(
@@ -50,6 +54,9 @@ def query(
 
     if sum(x is not None for x in (image, key, point_id)) != 1:
         raise typer.BadParameter("give exactly one of IMAGE, --key, --id")
+    for name, value in (("--label", label), ("--cluster", cluster)):
+        if value is not None and not INT64_MIN <= value <= INT64_MAX:
+            raise UsageError(f"{name} {value} is out of range: Qdrant integers are 64-bit")
     scfg = store_config(store, qdrant_url, api_key, collection)
     flt = {k_: v for k_, v in (("label", label), ("cluster_id", cluster), ("dataset", dataset))
            if v is not None}

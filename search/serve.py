@@ -38,7 +38,15 @@ from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse
 from phisearch.indexer import images
 from phisearch.indexer.embedder import Embedder, sparse_of
-from phisearch.indexer.store import Store, StoreBusy, StoreConfig, StoreError, open_store
+from phisearch.indexer.store import (
+    INT64_MAX,
+    INT64_MIN,
+    Store,
+    StoreBusy,
+    StoreConfig,
+    StoreError,
+    open_store,
+)
 from starlette.concurrency import run_in_threadpool
 
 from . import query as q
@@ -299,8 +307,10 @@ def create_app(store_cfg: StoreConfig, device: str = "cpu", max_bytes: int = MAX
     @app.post("/search")
     async def search(request: Request,
                      k: int = Query(10, ge=1, le=1000, description="hits to return"),
-                     label: int | None = Query(None, description="only this label"),
-                     cluster: int | None = Query(None, description="only this cluster_id"),
+                     label: int | None = Query(None, ge=INT64_MIN, le=INT64_MAX,
+                                               description="only this label"),
+                     cluster: int | None = Query(None, ge=INT64_MIN, le=INT64_MAX,
+                                                 description="only this cluster_id"),
                      dataset: str | None = Query(None, description="only this dataset")) -> dict:
         data = await image_bytes(request, svc.cfg.max_bytes)
         flt = {key: v for key, v in (("label", label), ("cluster_id", cluster),

@@ -180,9 +180,13 @@ def test_cli_remove_snapshot_alias_and_exit_codes(store_root):
 
     r = idx("remove", "--label", "3", *store)
     assert r.returncode == 2 and "Traceback" not in r.stderr          # usage error
-    r = idx("remove", *store, "--collection", "a")
-    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+    r = idx("remove", *store, "--collection", "a")                    # no selector: usage
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         "error: say what to remove: --key, --shard, --dataset or --filter"]
+    r = idx("remove", "--filter", "not json", *store, "--collection", "a")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    r = idx("remove", "--filter", "[1, 2]", *store, "--collection", "a")
+    assert r.returncode == 2 and "JSON object" in r.stderr
     r = idx("remove", "--filter", '{"label": 3}', *store, "--collection", "a")
     assert r.returncode == 1 and "pass --yes" in r.stderr             # no prompt without a tty
     r = idx("remove", "--filter", '{"label": 3}', "--yes", "--json", *store, "--collection", "a")
@@ -231,3 +235,66 @@ def test_remove_from_a_folder_source_lets_the_next_sync_restore_it(tmp_path, min
     assert again["indexed"] == 1
     with open_store(cfg) as st:
         assert st.count() == 4 and st.count({"key": "sub/p1.png"}) == 1
+
+
+# A snapshot operation killed at a chosen step: `rename N` dies at the Nth Path.rename (restore:
+# 1 = after the journal, before the live folder moves; 2 = between the two renames), `extract`
+# dies after unpacking the archive, `archive` dies before the finished archive is renamed.
+KILL_AT = """
+import os, sys, tarfile, pathlib
+from phisearch.indexer.snapshots import create, restore
+from phisearch.indexer.store import StoreConfig
+root, op, step, name = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+if step.startswith("rename"):
+    n, real = int(step.split()[1]), pathlib.Path.rename
+    calls = [0]
+    def rename(self, target):
+        calls[0] += 1
+        if calls[0] == n:
+            os._exit(137)
+        return real(self, target)
+    pathlib.Path.rename = rename
+elif step == "extract":
+    real_x = tarfile.TarFile.extractall
+    def extractall(self, *a, **k):
+        real_x(self, *a, **k)
+        os._exit(137)
+    tarfile.TarFile.extractall = extractall
+cfg = StoreConfig(path=root, collection="a")
+create(cfg) if op == "create" else restore(cfg, name)
+"""
+
+
+@pytest.mark.parametrize("step,points", [("extract", 50), ("rename 1", 50), ("rename 2", 100)])
+def test_killed_restore_leaves_a_usable_store(store_root, step, points):
+    """Killed while unpacking, or after the journal but before the live folder moved: the live
+    collection is untouched (50 points) and the next open drops the staged copy. Killed between
+    the two renames: the next open finishes the swap (the snapshot's 100 points). Nothing
+    temporary is left."""
+    cfg = StoreConfig(path=str(store_root), collection="a")
+    info = create(cfg)
+    with open_store(cfg) as st:
+        assert st.delete(ids=sorted(h.id for h in st.scroll())[:50]) == 50
+    r = subprocess.run([sys.executable, "-c", KILL_AT, str(store_root), "restore", step,
+                        info["name"]], env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 137, r.stderr[-2000:]
+    left = sorted(p.name for p in store_root.iterdir() if p.name.startswith((".restore",
+                                                                             ".trash", ".swap")))
+    assert left, "the kill should have left temporaries for the next open to deal with"
+    with open_store(cfg) as st:
+        assert st.count() == points
+    assert not [p for p in store_root.iterdir()
+                if p.name.startswith((".restore", ".trash", ".swap"))]
+    assert len(dump(StoreConfig(path=str(store_root), collection="b"))["points"]) == 100
+
+
+def test_killed_snapshot_create_leaves_no_temporary(store_root):
+    r = subprocess.run([sys.executable, "-c", KILL_AT, str(store_root), "create", "rename 1",
+                        "-"], env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 137, r.stderr[-2000:]
+    snaps = store_root / ".snapshots" / "a"
+    assert [p.name for p in snaps.iterdir() if p.name.endswith(".tmp")]
+    assert list_snapshots(StoreConfig(path=str(store_root), collection="a")) == []
+    with open_store(StoreConfig(path=str(store_root), collection="a")) as st:
+        assert st.count() == 100
+    assert not [p for p in snaps.iterdir() if p.name.endswith(".tmp")]

@@ -157,6 +157,12 @@ def test_search_finds_the_image_itself_first(built, base_url):
         assert len(hits) == st.count({"cluster_id": c, "label": label}) >= 1
     assert hits[0]["key"] == raw["__key__"]
     assert httpx.post(f"{base_url}/search", params={"k": 0}, content=raw["jpg"]).status_code == 422
+    for big in (2**63, -(2**63) - 1, 10**20):   # past Qdrant's 64-bit integers: 422, no 500
+        for name in ("label", "cluster"):
+            r = httpx.post(f"{base_url}/search", params={name: big}, content=raw["jpg"])
+            assert r.status_code == 422, (name, big, r.text)
+    r = httpx.post(f"{base_url}/search", params={"label": 2**63 - 1}, content=raw["jpg"])
+    assert r.status_code == 200 and r.json()["hits"] == []
 
 
 def test_oversize_body_is_413(base_url):

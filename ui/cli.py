@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import Annotated
 
 import typer
 from phisearch.indexer import cli as indexer_cli
-from phisearch.indexer.cli_common import DEBUG, UserError, setup_logging
+from phisearch.indexer.cli_common import DEBUG, UsageError, UserError, setup_logging
 
 app = typer.Typer(
     name="idx", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -60,5 +61,19 @@ def main() -> None:
 
         plain = (UserError, StoreError, FileNotFoundError, ValueError)
         kind = "" if isinstance(e, plain) else f"{type(e).__name__}: "
-        typer.echo(f"error: {kind}{e}", err=True)
-        sys.exit(1)
+        typer.echo(f"error: {kind}{one_line(str(e))}", err=True)
+        sys.exit(2 if isinstance(e, UsageError) else 1)
+
+
+def one_line(message: str) -> str:
+    """Errors print as one line: a worker's traceback or a server's HTML page is cut down to
+    its last meaningful line (--debug shows everything)."""
+    lines = [ln.strip() for ln in message.strip().splitlines() if ln.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else message
+    if any(ln.startswith("Traceback") or ln.startswith("Original Traceback") for ln in lines):
+        return f"{lines[-1]} (--debug for the traceback)"
+    if any(ln.lstrip().startswith("<") for ln in lines):   # an HTML body in the message
+        text = re.sub(r"<[^>]+>", " ", " ".join(lines))
+        return " ".join(text.split())[:200] + " (--debug for the full response)"
+    return lines[0] + " (--debug for more)"

@@ -16,12 +16,12 @@ import time
 from pathlib import Path
 
 import torch
-from phisearch.indexer.config import PhiConfig
-from phisearch.indexer.embedder import Embedder
-from phisearch.indexer.pipeline import BuildConfig, build
-from phisearch.indexer.shards import expand
+from phisearch.indexer.build.pipeline import BuildConfig, build
+from phisearch.indexer.model.config import PhiConfig
+from phisearch.indexer.model.embedder import Embedder
+from phisearch.indexer.sources.shards import expand
 from phisearch.indexer.store import StoreConfig
-from phisearch.indexer.train import load_images
+from phisearch.indexer.train.loop import load_images
 
 DATA = os.environ.get("PHISEARCH_DATA", "../shared/data")
 

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from phisearch.indexer.cluster import ClusterConfig, Preprocessor, fit_assign, read_vectors
+from phisearch.indexer.manage.cluster import ClusterConfig, Preprocessor, fit_assign, read_vectors
 from phisearch.indexer.store import StoreConfig, open_store
 from sklearn.metrics import normalized_mutual_info_score as nmi
 

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from phisearch.indexer.cluster import ClusterConfig, cluster
+from phisearch.indexer.manage.cluster import ClusterConfig, cluster
 from phisearch.indexer.store import PointData, StoreConfig, open_store, point_id
 from sklearn.metrics import normalized_mutual_info_score as nmi
 

@@ -26,16 +26,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from phisearch.indexer import checkpoint as ckpt
-from phisearch.indexer.readout import Whitening, l2_normalize
+from phisearch.indexer.model import checkpoint as ckpt
+from phisearch.indexer.model.readout import Whitening, l2_normalize
 from phisearch.search.evaluate import (
     cache_name,
     embed_images,
     images_digest,
     load_split,
     pixel_vectors,
-    retrieval_metrics,
 )
+from phisearch.search.metrics import retrieval_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("PHISEARCH_DATA", REPO.parent / "shared" / "data")) / "imagenette-64"

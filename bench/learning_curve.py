@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from phisearch.indexer import checkpoint as ckpt
+from phisearch.indexer.model import checkpoint as ckpt
 from phisearch.search.evaluate import EvalSettings, evaluate
 
 READOUTS = ("mid", "blocks", "mid+white64", "blocks+white64")

@@ -28,10 +28,10 @@ import time
 from pathlib import Path
 
 import torch
-from phisearch.indexer import phi as phimod
-from phisearch.indexer.config import PRESETS, preset
-from phisearch.indexer.train import load_images
-from phisearch.indexer.unet import UNet, count_parameters
+from phisearch.indexer.model import phi as phimod
+from phisearch.indexer.model.config import PRESETS, preset
+from phisearch.indexer.model.unet import UNet, count_parameters
+from phisearch.indexer.train.loop import load_images
 
 REPO = Path(__file__).resolve().parent.parent
 MINI = "imagenette-64/imagenette-mini-000000.tar"

@@ -24,22 +24,26 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from phisearch.indexer import checkpoint as ckpt
-from phisearch.indexer.phi import MID_2X2, MID_MAX
-from phisearch.indexer.readout import Whitening, l2_normalize
+from phisearch.indexer.model import checkpoint as ckpt
+from phisearch.indexer.model.readout import Whitening, l2_normalize
 from phisearch.search.evaluate import (
     cache_name,
     embed_images,
     images_digest,
     load_split,
     pixel_vectors,
-    retrieval_metrics,
 )
+from phisearch.search.metrics import retrieval_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("PHISEARCH_DATA", REPO.parent / "shared" / "data")) / "imagenette-64"
 BLOCKS = ("E1.out", "E2.out", "E3.out", "M.out")
-POOLED = (MID_MAX, MID_2X2)
+# Other poolings of the middle block's map, computed here (bench only, not in the φ path).
+MID_MAX = "M.out:max"    # spatial max of the middle block's channels
+MID_2X2 = "M.out:2x2"    # means over the 2x2 quadrants (4 C values, quadrant-major per channel)
+POOLINGS = {MID_MAX: lambda m: m.amax(dim=(-2, -1)),
+            MID_2X2: lambda m: torch.nn.functional.adaptive_avg_pool2d(m, 2).flatten(1)}
+POOLED = tuple(POOLINGS)
 
 
 def _cached(path: Path | None, taps: tuple[str, ...], compute: Callable[[], dict]) -> dict:
@@ -65,7 +69,7 @@ def features(model, sha: str, imgs: np.ndarray, sigma: float, draws: int, seed: 
     got = _cached(cache / f"{stem}.npz" if cache else None, BLOCKS,
                   lambda: embed_images(model, imgs, sigma, draws, seed, BLOCKS))
     got.update(_cached(cache / f"{stem}_pool.npz" if cache else None, POOLED,
-                       lambda: embed_images(model, imgs, sigma, draws, seed, POOLED)))
+                       lambda: embed_images(model, imgs, sigma, draws, seed, (), poolings=POOLINGS)))
     return got
 
 

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from phisearch.indexer.cli_common import default_store
-from phisearch.indexer.embedder import Embedder
-from phisearch.indexer.phi import as_uint8
+from phisearch.indexer.cli.common import default_store
+from phisearch.indexer.model.embedder import Embedder
+from phisearch.indexer.model.phi import as_uint8
 from phisearch.indexer.store import StoreConfig, open_store, point_id
 from phisearch.search import reconstruct as R
 from phisearch.search.evaluate import load_split

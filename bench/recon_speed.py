@@ -27,10 +27,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from phisearch.indexer import checkpoint as ckpt
-from phisearch.indexer import images
-from phisearch.indexer.config import PhiConfig
-from phisearch.indexer.phi import as_uint8, phi
+from phisearch.indexer.model import checkpoint as ckpt
+from phisearch.indexer.model.config import PhiConfig
+from phisearch.indexer.model.phi import as_uint8, phi
+from phisearch.indexer.sources import images
 from phisearch.search import reconstruct as R
 
 REPO = Path(__file__).resolve().parent.parent

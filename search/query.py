@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from phisearch.indexer import images
-from phisearch.indexer.embedder import Embedder
+from phisearch.indexer.model.embedder import Embedder
+from phisearch.indexer.sources import images
 from phisearch.indexer.store import Hit, Store
 
 HIT_KEYS = ("key", "label", "label_name", "cluster_id", "dataset", "shard")
@@ -30,7 +30,7 @@ def require_meta(store: Store, where: str) -> dict:
 
 def hit_json(h: Hit) -> dict:
     """The CONTRACT's hit shape: id, key, label, label_name, distance, cluster_id (+ a few)."""
-    out = {"id": h.id, "distance": round(float(h.score), 6)}
+    out = {"id": h.id, "distance": round(float(h.distance), 6)}
     out.update({k: h.payload.get(k) for k in HIT_KEYS})
     return out
 
@@ -82,7 +82,7 @@ def search(store: Store, target: Target, k: int = 10, filter: dict | None = None
            max_distance: float | None = None) -> list[Hit]:
     hits = store.search(target.vector, limit=k, filter=filter)
     if max_distance is not None:
-        hits = [h for h in hits if h.score <= max_distance]
+        hits = [h for h in hits if h.distance <= max_distance]
     return hits
 
 

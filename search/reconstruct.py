@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from phisearch.indexer.config import PhiConfig
-from phisearch.indexer.phi import as_float, as_uint8, phi
-from phisearch.indexer.unet import UNet
+from phisearch.indexer.model.config import PhiConfig
+from phisearch.indexer.model.phi import as_float, as_uint8, phi
+from phisearch.indexer.model.unet import UNet
 from torch import Tensor
 
 log = logging.getLogger(__name__)

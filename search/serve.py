@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, replace
@@ -36,8 +35,8 @@ from typing import Any, TypeVar
 import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse
-from phisearch.indexer import images
-from phisearch.indexer.embedder import Embedder, sparse_of
+from phisearch.indexer.model.embedder import Embedder, sparse_of
+from phisearch.indexer.sources import images
 from phisearch.indexer.store import (
     INT64_MAX,
     INT64_MIN,
@@ -45,8 +44,8 @@ from phisearch.indexer.store import (
     StoreBusy,
     StoreConfig,
     StoreError,
-    open_store,
 )
+from phisearch.indexer.store.holder import StoreHolder
 from starlette.concurrency import run_in_threadpool
 
 from . import query as q
@@ -83,71 +82,26 @@ class Service:
     def __init__(self, cfg: ServeConfig) -> None:
         self.cfg = cfg
         self.store_cfg = replace(cfg.store, busy_wait=cfg.busy_wait)
-        self._store_lock = threading.Lock()      # Edge: one handle at a time in this process
+        self.holder = StoreHolder(self.store_cfg, cfg.hold_s)   # the one shared with the UI
         self._model_lock = threading.Lock()
-        self._held: Store | None = None          # a server client, or an Edge handle in hold_s
-        self._timer: threading.Timer | None = None
-        self._last_used = 0.0
         self._models: dict[str, Embedder] = {}
 
     @property
     def where(self) -> str:
-        s = self.store_cfg
-        return f"Qdrant at {s.url} collection {s.collection}" if s.url else \
-            f"store {s.path} collection {s.collection}"
+        return self.store_cfg.where
 
     @contextmanager
     def store(self) -> Iterator[Store]:
-        """The store for one request (see the module docstring for who holds what, when)."""
-        if self.store_cfg.url:     # a server client is thread-safe and kept
-            with self._store_lock:
-                if self._held is None:
-                    self._held = self._open()
-            yield self._held
-            return
-        with self._store_lock:
-            if self._held is None:
-                self._held = self._open()
-            try:
-                yield self._held
-            finally:
-                self._last_used = time.monotonic()
-                # a collection that did not exist yet is looked for again next time
-                if self.cfg.hold_s <= 0 or getattr(self._held, "shard", True) is None:
-                    self._release()
-                else:
-                    self._arm()
-
-    def _open(self) -> Store:
+        """The store for one request: busy -> 503 with Retry-After, unreachable -> 503."""
         try:
-            return open_store(self.store_cfg)
+            with self.holder.use() as st:
+                yield st
         except StoreBusy as e:
             raise ApiError(503, "busy", f"{e}; retry", retry_after=1) from None
+        except ApiError:
+            raise
         except StoreError as e:
             raise ApiError(503, "store_unavailable", str(e)) from None
-
-    def _arm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = threading.Timer(self.cfg.hold_s, self._release_if_idle)
-        self._timer.daemon = True
-        self._timer.start()
-
-    def _release_if_idle(self) -> None:
-        with self._store_lock:
-            if time.monotonic() - self._last_used >= self.cfg.hold_s - 1e-3:
-                self._release()
-
-    def _release(self) -> None:
-        """Close the held handle (caller holds _store_lock)."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._held is not None:
-            try:
-                self._held.close()
-            finally:
-                self._held = None
 
     def read(self, fn: Callable[[Store, dict], T]) -> T:
         """fn(store, meta) with the collection's metadata; 503 when there is no collection."""
@@ -218,8 +172,7 @@ class Service:
         return self.read(fn)
 
     def close(self) -> None:
-        with self._store_lock:
-            self._release()
+        self.holder.release()
 
 
 async def read_body(request: Request, max_bytes: int) -> bytes:

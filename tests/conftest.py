@@ -40,7 +40,7 @@ def mini_shard(data_dir: Path) -> str:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, mini_shard: str) -> Path:
     """A tiny-preset checkpoint trained for a few steps on the mini shard (fp32, no workers)."""
-    from phisearch.indexer.train import TrainConfig, train
+    from phisearch.indexer.train.loop import TrainConfig, train
 
     out = tmp_path_factory.mktemp("tiny-ckpt")
     return train(TrainConfig(data=(mini_shard,), out=str(out), preset="tiny", batch_size=8,

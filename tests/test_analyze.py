@@ -6,7 +6,9 @@ import json
 
 import numpy as np
 import pytest
-from phisearch.indexer import checkpoint as ckpt
+from phisearch.indexer.model import checkpoint as ckpt
+from phisearch.indexer.model.phi import participation_ratio
+from phisearch.search import analysis
 from phisearch.search import analyze as an
 from typer.testing import CliRunner
 
@@ -24,14 +26,14 @@ def tiny_path(tmp_path_factory) -> str:
 def test_participation_ratio_and_cosine():
     c = 16
     one_hot = np.eye(c)[:3]
-    assert np.allclose(an.participation_ratio(one_hot), 1 / c)
-    assert np.allclose(an.participation_ratio(np.ones((2, c))), 1.0)
-    assert np.isnan(an.participation_ratio(np.zeros((1, c)))).all()
+    assert np.allclose(participation_ratio(one_hot), 1 / c)
+    assert np.allclose(participation_ratio(np.ones((2, c))), 1.0)
+    assert np.isnan(participation_ratio(np.zeros((1, c)))).all()
     half = np.r_[np.ones(c // 2), np.zeros(c // 2)]
-    assert an.participation_ratio(half[None])[0] == pytest.approx(0.5)
+    assert participation_ratio(half[None])[0] == pytest.approx(0.5)
     # per channel across images (axis 0): a channel on in 1 of 4 images has PR 1/4
-    assert an.participation_ratio(np.array([[1.0], [0], [0], [0]]), axis=0)[0] == 0.25
-    assert np.allclose(an.cosine(one_hot, one_hot), 1.0)
+    assert participation_ratio(np.array([[1.0], [0], [0], [0]]), axis=0)[0] == 0.25
+    assert np.allclose(analysis.cosine(one_hot, one_hot), 1.0)
 
 
 def test_cli_analyze_writes_figures_and_report(tiny_path, mini_shard, tmp_path, monkeypatch):

@@ -14,11 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
-from phisearch.indexer import checkpoint as ckpt
-from phisearch.indexer.config import PhiConfig
-from phisearch.indexer.embedder import Embedder
-from phisearch.indexer.pipeline import BuildConfig, build, status
-from phisearch.indexer.shards import read_shard
+from phisearch.indexer.build.pipeline import BuildConfig, build
+from phisearch.indexer.build.summary import status
+from phisearch.indexer.model import checkpoint as ckpt
+from phisearch.indexer.model.config import PhiConfig
+from phisearch.indexer.model.embedder import Embedder
+from phisearch.indexer.sources.shards import read_shard
 from phisearch.indexer.store import MetaMismatch, StoreConfig, open_store, point_id
 
 IDX = [sys.executable, "-m", "phisearch.ui"]
@@ -83,7 +84,7 @@ def test_build_mini_then_query_and_rebuild(store_cfg, mini_shard, tiny_ckpt):
         assert st.count({"label": 3}) == 10
         # an image's own φ finds itself at distance 0; the sparse vector = the non-zero channels
         raws = [r for r in read_shard(mini_shard) if isinstance(r, dict)][:3]
-        from phisearch.indexer import images
+        from phisearch.indexer.sources import images
 
         emb = Embedder.from_meta(st.meta(), "cpu")
         assert emb.meta()["model_sha256"] == st.meta()["model_sha256"]
@@ -91,7 +92,7 @@ def test_build_mini_then_query_and_rebuild(store_cfg, mini_shard, tiny_ckpt):
             dense, mid = emb(images.decode(raw["jpg"])[None])
             hits = st.search(dense[0], limit=3)
             assert hits[0].payload["key"] == raw["__key__"]
-            assert hits[0].score < 1e-3
+            assert hits[0].distance < 1e-3
             stored = st.retrieve([hits[0].id], with_vectors=True)[0]
             idx, vals = stored.sparse
             assert sorted(idx) == np.flatnonzero(mid[0] > 0).tolist()

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from phisearch.indexer import checkpoint as ckpt
+from phisearch.indexer.model import checkpoint as ckpt
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -86,7 +86,7 @@ def test_missing_checkpoint(tmp_path):
 def test_shipped_default_loads_with_no_arguments_and_records_its_numbers():
     """The built-in default: its JSON records training, PSNR and eval numbers, and its default
     readout's whitening is inside the safetensors (an index can be built with no arguments)."""
-    from phisearch.indexer.embedder import Embedder
+    from phisearch.indexer.model.embedder import Embedder
 
     c = ckpt.load()
     assert c.info["preset"] == "small64" and c.sha256 == c.info["weights_sha256"]

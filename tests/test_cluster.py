@@ -11,16 +11,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from phisearch.indexer import checkpoint as ckpt
-from phisearch.indexer.cluster import (
+from phisearch.indexer.build.pipeline import BuildConfig, build
+from phisearch.indexer.manage.cluster import (
     ClusterConfig,
     Preprocessor,
     cluster,
     fit_assign,
     resolve_preprocess,
 )
-from phisearch.indexer.config import PhiConfig
-from phisearch.indexer.pipeline import BuildConfig, build
+from phisearch.indexer.model import checkpoint as ckpt
+from phisearch.indexer.model.config import PhiConfig
 from phisearch.indexer.store import StoreConfig, StoreError, open_store
 from typer.testing import CliRunner
 

@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
-from phisearch.indexer import checkpoint as ckpt
-from phisearch.indexer.config import PhiConfig
-from phisearch.indexer.distributed import build_distributed
-from phisearch.indexer.pipeline import SHARDS_DOC, BuildConfig, build
-from phisearch.indexer.shards import read_shard
-from phisearch.indexer.store import StoreConfig, StoreError, open_store
+from phisearch.indexer.build.distributed import build_distributed
+from phisearch.indexer.build.pipeline import BuildConfig, build
+from phisearch.indexer.model import checkpoint as ckpt
+from phisearch.indexer.model.config import PhiConfig
+from phisearch.indexer.sources.shards import read_shard
+from phisearch.indexer.store import SHARDS_DOC, StoreConfig, StoreError, open_store
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
 SIZES = (50, 30, 20)   # uneven, so rank 1 (30 images) runs out of batches before rank 0 (70)

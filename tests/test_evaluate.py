@@ -14,9 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from phisearch.indexer import checkpoint as ckpt
-from phisearch.indexer.readout import Readout, Whitening
+from phisearch.indexer.model import checkpoint as ckpt
+from phisearch.indexer.model.readout import Readout, Whitening
+from phisearch.search import eval_report
 from phisearch.search import evaluate as ev
+from phisearch.search import metrics as mt
 
 IDX = [sys.executable, "-m", "phisearch.ui"]
 BASELINES = ("phi", "pixels", "pixels16", "random_init", "phi_mid_raw", "random_init_mid_raw",
@@ -34,7 +36,7 @@ def two_groups(n: int = 60, dim: int = 8, gap: float = 50.0, seed: int = 0):
 
 
 def check_ranges(metrics: dict[str, float]) -> None:
-    assert set(metrics) == set(ev.METRICS)
+    assert set(metrics) == set(mt.METRICS)
     for k, v in metrics.items():
         assert isinstance(v, float), (k, type(v))
         lo = -1.0 if k == "ari" else 0.0
@@ -47,7 +49,7 @@ def check_ranges(metrics: dict[str, float]) -> None:
 def test_separated_groups_score_perfectly() -> None:
     q, ql = two_groups(seed=1)
     g, gl = two_groups(seed=2)
-    m, sep = ev.score(q, ql, g, gl)
+    m, sep = mt.score(q, ql, g, gl)
     check_ranges(m)
     for k in ("knn@1", "knn@10", "p@10", "map", "nmi", "ari", "purity"):
         assert m[k] == pytest.approx(1.0), k
@@ -59,7 +61,7 @@ def test_random_labels_score_at_chance() -> None:
     g, _ = two_groups(n=400, seed=2)
     rng = np.random.default_rng(3)
     ql, gl = rng.integers(0, 2, len(q)), rng.integers(0, 2, len(g))
-    m, sep = ev.score(q, ql, g, gl)
+    m, sep = mt.score(q, ql, g, gl)
     check_ranges(m)
     assert abs(m["knn@1"] - 0.5) < 0.1
     assert abs(m["p@10"] - 0.5) < 0.1
@@ -72,7 +74,7 @@ def test_retrieval_by_hand() -> None:
     # 1-D gallery at 0, 1, 2, 3, 10 with labels; one query at 0.1 (label 0).
     g = np.array([[0.0], [1.0], [2.0], [3.0], [10.0]])
     gl = np.array([0, 1, 0, 1, 0])
-    m = ev.retrieval_metrics(np.array([[0.1]]), np.array([0]), g, gl, k=3)
+    m = mt.retrieval_metrics(np.array([[0.1]]), np.array([0]), g, gl, k=3)
     assert m["knn@1"] == 1.0
     assert m["p@10"] == pytest.approx(2 / 3)           # top-3 labels 0, 1, 0
     assert m["knn@10"] == 1.0                          # majority 0
@@ -83,9 +85,9 @@ def test_retrieval_by_hand() -> None:
 def test_knn_vote_tie_goes_to_the_nearest_label() -> None:
     g = np.array([[1.0], [2.0], [3.0], [4.0]])
     gl = np.array([1, 0, 0, 1])  # 2 votes each; label 1 is met first
-    m = ev.retrieval_metrics(np.array([[0.0]]), np.array([1]), g, gl, k=4)
+    m = mt.retrieval_metrics(np.array([[0.0]]), np.array([1]), g, gl, k=4)
     assert m["knn@10"] == 1.0
-    m = ev.retrieval_metrics(np.array([[0.0]]), np.array([0]), g, gl, k=4)
+    m = mt.retrieval_metrics(np.array([[0.0]]), np.array([0]), g, gl, k=4)
     assert m["knn@10"] == 0.0
 
 
@@ -93,8 +95,8 @@ def test_self_match_is_left_out() -> None:
     x, labels = two_groups(n=20)
     labels = labels.copy()
     labels[0] = 1  # an odd one out: only its own copy shares its label locally
-    without = ev.retrieval_metrics(x, labels, x, labels, exclude=np.arange(len(x)))
-    with_self = ev.retrieval_metrics(x, labels, x, labels)
+    without = mt.retrieval_metrics(x, labels, x, labels, exclude=np.arange(len(x)))
+    with_self = mt.retrieval_metrics(x, labels, x, labels)
     assert with_self["knn@1"] == 1.0
     assert without["knn@1"] < 1.0
 
@@ -103,11 +105,11 @@ def test_separation_ratio() -> None:
     rng = np.random.default_rng(0)
     a = rng.normal(size=(2000, 3))
     b = rng.normal(size=(2000, 3)) + np.array([3.0, 0, 0])
-    assert ev.separation(a, b) == pytest.approx(3.0, rel=0.05)
+    assert mt.separation(a, b) == pytest.approx(3.0, rel=0.05)
     # Spread off the joining line does not count.
     b[:, 1] *= 100
     b[:, 1] -= b[:, 1].mean() - a[:, 1].mean()  # centroids still differ along x only
-    assert ev.separation(a, b) == pytest.approx(3.0, rel=0.05)
+    assert mt.separation(a, b) == pytest.approx(3.0, rel=0.05)
 
 
 def test_pixel_vectors() -> None:
@@ -193,7 +195,7 @@ def test_evaluate_on_the_mini_shard(tiny_ckpt: Path, mini_shard: str) -> None:
     assert r["img_per_s"]["phi_s0.4_d1"] > 0
     assert "score" in seen
     json.dumps(r)  # serializable as is
-    assert "| `phi` |" in ev.markdown(r)
+    assert "| `phi` |" in eval_report.markdown(r)
 
 
 def test_evaluate_uses_a_stored_whitening(tiny_ckpt: Path, mini_shard: str, tmp_path: Path
@@ -243,7 +245,7 @@ def test_cache_reuses_vectors(tiny_ckpt: Path, mini_shard: str, tmp_path: Path) 
     assert all(p["cached"] for p in b["settings"]["passes"].values())
     assert a["representations"] == b["representations"]
     assert "phi" in b["settings"]["cached_representations"]
-    assert "*" in ev.markdown(b) and "*" not in ev.markdown(a).split("| representation")[1]
+    assert "*" in eval_report.markdown(b) and "*" not in eval_report.markdown(a).split("| representation")[1]
 
 
 @pytest.mark.parametrize("label", ["foo", "mid+", "mid+white", "blocks+pca64", "mid+white0",
@@ -296,7 +298,7 @@ def test_fit_readout_stores_several_whitenings_from_one_pass(tiny_ckpt: Path, mi
 
 def test_sqrt_readout_round_trip_through_fit_readout(tiny_ckpt: Path, mini_shard: str,
                                                      tmp_path: Path) -> None:
-    from phisearch.indexer.readout import parse_label
+    from phisearch.indexer.model.readout import parse_label
 
     assert parse_label("blocks+sqrt+white64+l2") == ("blocks", 64, True, True)
     assert parse_label("blocks+sqrt+white64+l2").whitening_key == "blocks+sqrt+white64"

@@ -36,10 +36,10 @@ def server_collection(tmp_path_factory, mini_shard):
     """The mini shard built into a fresh server collection by the phisearch pipeline, clustered."""
     if not URL:
         pytest.skip("QDRANT_URL not set: no Qdrant server on this machine")
-    from phisearch.indexer import checkpoint as ckpt
-    from phisearch.indexer.cluster import ClusterConfig, cluster
-    from phisearch.indexer.config import PhiConfig
-    from phisearch.indexer.pipeline import BuildConfig, build
+    from phisearch.indexer.build.pipeline import BuildConfig, build
+    from phisearch.indexer.manage.cluster import ClusterConfig, cluster
+    from phisearch.indexer.model import checkpoint as ckpt
+    from phisearch.indexer.model.config import PhiConfig
     from phisearch.indexer.store import StoreConfig, open_store
 
     path = tmp_path_factory.mktemp("example") / "tiny.safetensors"

@@ -11,12 +11,11 @@ import uuid
 
 import numpy as np
 import pytest
-from phisearch.indexer import checkpoint as ckpt
-from phisearch.indexer import cluster as cluster_mod
-from phisearch.indexer import pipeline
-from phisearch.indexer.config import PhiConfig
-from phisearch.indexer.export import EXPORT_DOC, SIDE_DOCS, ExportConfig, export, meta_sha256
-from phisearch.indexer.pipeline import BuildConfig, build
+from phisearch.indexer.build.pipeline import BuildConfig, build
+from phisearch.indexer.manage import cluster as cluster_mod
+from phisearch.indexer.manage.export import EXPORT_DOC, SIDE_DOCS, ExportConfig, export, meta_sha256
+from phisearch.indexer.model import checkpoint as ckpt
+from phisearch.indexer.model.config import PhiConfig
 from phisearch.indexer.store import MetaMismatch, StoreConfig, StoreError, open_store
 
 IDX = [sys.executable, "-m", "phisearch.ui"]
@@ -53,10 +52,6 @@ def assert_same(a: dict[str, tuple], b: dict[str, tuple]) -> None:
         assert payload == p2, pid
 
 
-def test_side_doc_names_match_their_writers():
-    assert set(SIDE_DOCS) == {pipeline.SHARDS_DOC, pipeline.LAST_RUN_DOC, cluster_mod.DOC}
-
-
 def test_edge_to_edge_round_trip(source, tmp_path):
     dest = StoreConfig(path=str(tmp_path / "dest"), collection="copy")
     summary = export(ExportConfig(source=source, dest=dest, batch_size=32))
@@ -73,7 +68,7 @@ def test_edge_to_edge_round_trip(source, tmp_path):
         assert d.get_doc(EXPORT_DOC)["source_meta_sha256"] == meta_sha256(s.meta())
         assert d.count({"label": 3}) == s.count({"label": 3}) == 10   # payload index works
         some = next(iter(src.values()))
-        assert d.search(some[0], limit=1)[0].score < 1e-4
+        assert d.search(some[0], limit=1)[0].distance < 1e-4
     again = export(ExportConfig(source=source, dest=dest))
     assert again["exported"] == 0 and again["skipped_existing"] == 100
 

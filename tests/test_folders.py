@@ -18,14 +18,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fixtures import read_samples
-from phisearch.indexer import checkpoint as ckpt
-from phisearch.indexer import images
-from phisearch.indexer.config import PhiConfig
-from phisearch.indexer.embedder import Embedder
-from phisearch.indexer.folders import doc_name
-from phisearch.indexer.pipeline import BuildConfig, build, status
+from phisearch.indexer.build.pipeline import BuildConfig, build
+from phisearch.indexer.build.summary import status
+from phisearch.indexer.build.watch import dry_run
+from phisearch.indexer.model import checkpoint as ckpt
+from phisearch.indexer.model.config import PhiConfig
+from phisearch.indexer.model.embedder import Embedder
+from phisearch.indexer.sources import images
+from phisearch.indexer.sources.folders import doc_name
 from phisearch.indexer.store import StoreConfig, open_store, point_id
-from phisearch.indexer.sync import dry_run
 from PIL import Image
 
 IDX = [sys.executable, "-m", "phisearch.ui"]
@@ -174,7 +175,7 @@ def test_exif_rotated_jpeg_and_png_of_its_pixels_get_identical_phi(tmp_path, pix
     with open_store(StoreConfig(path=str(store))) as st:
         hits = st.search(query, limit=2)
     assert {h.payload["key"] for h in hits} == {"IMG_0001.jpg", "IMG_0001.png"}
-    assert max(h.score for h in hits) < 1e-5
+    assert max(h.distance for h in hits) < 1e-5
 
 
 def write_pngs(root: Path, pixels: list[np.ndarray], names: list[str], offset: int) -> None:

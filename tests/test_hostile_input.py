@@ -18,10 +18,9 @@ from pathlib import Path
 
 import pytest
 import webdataset as wds
-from phisearch.indexer import checkpoint as ckpt
-from phisearch.indexer.pipeline import LAST_RUN_DOC, SHARDS_DOC
-from phisearch.indexer.shards import read_shard
-from phisearch.indexer.store import StoreConfig, open_store
+from phisearch.indexer.model import checkpoint as ckpt
+from phisearch.indexer.sources.shards import read_shard
+from phisearch.indexer.store import LAST_RUN_DOC, SHARDS_DOC, StoreConfig, open_store
 
 IDX = [sys.executable, "-m", "phisearch.ui"]
 ENV = dict(os.environ, PHISEARCH_NO_PROGRESS="1")

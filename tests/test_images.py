@@ -11,12 +11,12 @@ import time
 
 import numpy as np
 import pytest
-from phisearch.indexer import images
+from phisearch.indexer.sources import images
 from PIL import Image
 
 MEASURE = """
 import resource, sys
-from phisearch.indexer import images
+from phisearch.indexer.sources import images
 data = open(sys.argv[1], "rb").read()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 out = images.decode(data)

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from phisearch.indexer.train import TrainConfig, train
+from phisearch.indexer.train.loop import TrainConfig, train
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from phisearch.indexer import checkpoint as ckpt
-from phisearch.indexer.aliases import list_aliases, overview, set_alias
-from phisearch.indexer.config import PhiConfig
-from phisearch.indexer.pipeline import SHARDS_DOC, BuildConfig, build
-from phisearch.indexer.remove import remove, selection
-from phisearch.indexer.snapshots import create, list_snapshots, restore
-from phisearch.indexer.store import StoreBusy, StoreConfig, StoreError, open_store
+from phisearch.indexer.build.pipeline import BuildConfig, build
+from phisearch.indexer.manage.aliases import list_aliases, overview, set_alias
+from phisearch.indexer.manage.remove import remove, selection
+from phisearch.indexer.manage.snapshots import create, list_snapshots, restore
+from phisearch.indexer.model import checkpoint as ckpt
+from phisearch.indexer.model.config import PhiConfig
+from phisearch.indexer.store import SHARDS_DOC, StoreBusy, StoreConfig, StoreError, open_store
 
 IDX = [sys.executable, "-m", "phisearch.ui"]
 ENV = dict(os.environ, PHISEARCH_NO_PROGRESS="1", OMP_NUM_THREADS="1")
@@ -146,7 +146,7 @@ def test_alias_switch_while_another_process_queries(store_root):
                     hit = next(st.scroll(with_vectors=True))
                     hits = st.search(hit.vector, limit=3)
                     f.write(json.dumps({{"sigma": meta["sigma"], "n": len(hits),
-                                         "d0": hits[0].score}}) + "\\n")
+                                         "d0": hits[0].distance}}) + "\\n")
                     f.flush()
                 if meta["sigma"] == 0.4:
                     break
@@ -209,8 +209,8 @@ def test_cli_remove_snapshot_alias_and_exit_codes(store_root):
 
 def test_remove_from_a_folder_source_lets_the_next_sync_restore_it(tmp_path, mini_shard,
                                                                     tiny_ckpt):
-    from phisearch.indexer import images
-    from phisearch.indexer.shards import read_shard
+    from phisearch.indexer.sources import images
+    from phisearch.indexer.sources.shards import read_shard
     from PIL import Image
 
     folder = tmp_path / "photos"
@@ -242,7 +242,7 @@ def test_remove_from_a_folder_source_lets_the_next_sync_restore_it(tmp_path, min
 # dies after unpacking the archive, `archive` dies before the finished archive is renamed.
 KILL_AT = """
 import os, sys, tarfile, pathlib
-from phisearch.indexer.snapshots import create, restore
+from phisearch.indexer.manage.snapshots import create, restore
 from phisearch.indexer.store import StoreConfig
 root, op, step, name = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 if step.startswith("rename"):

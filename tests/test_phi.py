@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 import torch
-from phisearch.indexer import checkpoint as ckpt
-from phisearch.indexer import phi as phimod
-from phisearch.indexer.phi import as_float, phi
-from phisearch.indexer.train import load_images
+from phisearch.indexer.model import checkpoint as ckpt
+from phisearch.indexer.model import phi as phimod
+from phisearch.indexer.model.phi import as_float, phi
+from phisearch.indexer.train.loop import load_images
 
 
 @pytest.fixture(scope="module")
@@ -68,25 +68,29 @@ def test_draws_are_averaged(model, images):
     assert (per_draw[0] - per_draw[1]).abs().max() > 1e-4
 
 
-def test_pooled_middle_block_taps_agree_with_the_mean() -> None:
-    """The 2x2 quadrant means average back to the spatial mean; the max bounds it."""
-    from phisearch.indexer import checkpoint as ckpt
-    from phisearch.indexer.phi import MID, MID_2X2, MID_MAX, features
+def test_poolings_of_the_middle_block_agree_with_the_mean_even_with_decoder_taps() -> None:
+    """Extra poolings (the readout sweep's 2x2 quadrant means and max) average back to the
+    spatial mean and bound it, with or without a decoder tap in the same pass (they used to
+    turn into "unknown taps" when a decoder tap was asked for too)."""
+    from phisearch.indexer.model import checkpoint as ckpt
+    from phisearch.indexer.model.phi import MID, features
 
     model = ckpt.untrained("tiny", seed=0).model.eval()
     imgs = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
-    f = features(model, imgs, 0.2, 2, 0, (MID, MID_MAX, MID_2X2))
-    c = f[MID].shape[1]
-    assert f[MID_2X2].shape == (3, 4 * c) and f[MID_MAX].shape == (3, c)
-    quads = f[MID_2X2].reshape(3, c, 4)
-    assert torch.allclose(quads.mean(-1), f[MID], atol=1e-5)
-    assert (f[MID_MAX] >= f[MID] - 1e-6).all()
+    pools = {"max": lambda m: m.amax(dim=(-2, -1)),
+             "2x2": lambda m: torch.nn.functional.adaptive_avg_pool2d(m, 2).flatten(1)}
+    for taps in ((MID,), (MID, "D1.out")):
+        f = features(model, imgs, 0.2, 2, 0, taps, poolings=pools)
+        c = f[MID].shape[1]
+        assert f["2x2"].shape == (3, 4 * c) and f["max"].shape == (3, c)
+        assert torch.allclose(f["2x2"].reshape(3, c, 4).mean(-1), f[MID], atol=1e-5)
+        assert (f["max"] >= f[MID] - 1e-6).all()
 
 
 def test_per_draw_prefix_means_are_phi_with_fewer_draws(model, images):
     """Draw j's noise does not depend on the number of draws, so one 8-draw pass kept per draw
     gives φ for every d <= 8 exactly (what bench/draws_sweep.py relies on)."""
-    from phisearch.indexer.phi import MID, features
+    from phisearch.indexer.model.phi import MID, features
 
     per = features(model, images[:5], 0.2, 8, 3, (MID,), per_draw=True)[MID]
     assert per.shape == (8, 5, model.mid_channels)

@@ -11,11 +11,11 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from phisearch.indexer import checkpoint as ckpt
-from phisearch.indexer import images
-from phisearch.indexer.config import PhiConfig
-from phisearch.indexer.phi import as_uint8, phi
-from phisearch.indexer.shards import read_shard
+from phisearch.indexer.model import checkpoint as ckpt
+from phisearch.indexer.model.config import PhiConfig
+from phisearch.indexer.model.phi import as_uint8, phi
+from phisearch.indexer.sources import images
+from phisearch.indexer.sources.shards import read_shard
 from phisearch.search import reconstruct as rc
 from PIL import Image
 
@@ -209,7 +209,7 @@ def test_cli_bad_input_is_one_line(tmp_path, tiny_path, monkeypatch, capsys):
 
 
 def test_cli_stored_point_and_cluster(tmp_path, mini_shard, tiny_path, monkeypatch):
-    from phisearch.indexer.pipeline import BuildConfig, build
+    from phisearch.indexer.build.pipeline import BuildConfig, build
     from phisearch.indexer.store import StoreConfig, open_store
     from phisearch.ui.cli import app
     from typer.testing import CliRunner

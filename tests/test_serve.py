@@ -19,12 +19,12 @@ import httpx
 import numpy as np
 import pytest
 import uvicorn
-from phisearch.indexer import checkpoint as ckpt
-from phisearch.indexer import images
-from phisearch.indexer.cluster import ClusterConfig, cluster
-from phisearch.indexer.config import PhiConfig
-from phisearch.indexer.pipeline import BuildConfig, build
-from phisearch.indexer.shards import read_shard
+from phisearch.indexer.build.pipeline import BuildConfig, build
+from phisearch.indexer.manage.cluster import ClusterConfig, cluster
+from phisearch.indexer.model import checkpoint as ckpt
+from phisearch.indexer.model.config import PhiConfig
+from phisearch.indexer.sources import images
+from phisearch.indexer.sources.shards import read_shard
 from phisearch.indexer.store import StoreBusy, StoreConfig, open_store
 from phisearch.search.serve import create_app
 from PIL import Image

@@ -4,8 +4,10 @@ from collections import Counter
 import numpy as np
 import pytest
 from fixtures import write_bad_shard, write_truncated_tar
-from phisearch.indexer import images
-from phisearch.indexer.shards import Sample, Skip, expand, loader
+from phisearch.indexer.sources import images
+from phisearch.indexer.sources.loader import loader
+from phisearch.indexer.sources.records import Sample, Skip
+from phisearch.indexer.sources.shards import expand
 from PIL import Image
 
 

@@ -22,6 +22,7 @@ from phisearch.indexer.store import (
     StoreBusy,
     StoreConfig,
     StoreError,
+    backend,
     open_store,
     point_id,
 )
@@ -116,7 +117,7 @@ def test_point_id_is_deterministic():
 def test_meta_round_trip_survives_reopen(cfg):
     with open_store(cfg) as s:
         assert s.meta() is None
-        assert cfg.collection not in s.collections()
+        assert cfg.collection not in backend(cfg).collections()
         assert s.count() == 0 and s.search(np.zeros(DIM)) == [] and s.get_doc("shards") is None
         with pytest.raises(StoreError, match="does not exist"):
             s.upsert(make_points(2)[0])
@@ -127,7 +128,7 @@ def test_meta_round_trip_survives_reopen(cfg):
         s.ensure(dict(META, checkpoint="renamed"))   # non-identity keys don't matter
     with open_store(cfg) as s:
         assert s.meta() == META
-        assert cfg.collection in s.collections()
+        assert cfg.collection in backend(cfg).collections()
         assert s.count() == 0
 
 
@@ -151,12 +152,12 @@ def test_dense_search_matches_numpy(ro):
     store, pts, dense = ro
     for p in (0, 17, 123):
         hits = store.search(dense[p], limit=10)
-        assert hits[0].id == pts[p].id and hits[0].score == pytest.approx(0.0, abs=1e-4)
+        assert hits[0].id == pts[p].id and hits[0].distance == pytest.approx(0.0, abs=1e-4)
         want = np.sort(np.linalg.norm(dense - dense[p], axis=1))[:10]
-        np.testing.assert_allclose([h.score for h in hits], want, atol=1e-4)
+        np.testing.assert_allclose([h.distance for h in hits], want, atol=1e-4)
         by_id = {q.id: i for i, q in enumerate(pts)}
         for h in hits:   # each score is that point's own distance
-            assert h.score == pytest.approx(np.linalg.norm(dense[by_id[h.id]] - dense[p]), abs=1e-4)
+            assert h.distance == pytest.approx(np.linalg.norm(dense[by_id[h.id]] - dense[p]), abs=1e-4)
     assert hits[0].payload["key"] == "k0123" and hits[0].vector is None
 
 
@@ -174,10 +175,10 @@ def test_sparse_search_orders_by_dot_product(ro):
     q[q_idx] = q_val
     dots = dense @ q
     hits = store.search_sparse(q_idx, q_val, limit=10)
-    np.testing.assert_allclose([h.score for h in hits], np.sort(dots)[::-1][:10], atol=1e-4)
+    np.testing.assert_allclose([h.dot for h in hits], np.sort(dots)[::-1][:10], atol=1e-4)
     by_id = {p.id: i for i, p in enumerate(pts)}
     for h in hits:
-        assert h.score == pytest.approx(dots[by_id[h.id]], abs=1e-4)
+        assert h.dot == pytest.approx(dots[by_id[h.id]], abs=1e-4)
     assert store.search_sparse([], []) == []
 
 
@@ -203,7 +204,7 @@ def test_retrieve_returns_what_was_written(ro):
     hits = store.retrieve(ids)
     assert [h.id for h in hits] == ids[:3]
     for h, i in zip(hits, (3, 7, 11)):
-        assert h.score == 0.0 and same_payload(h.payload, pts[i].payload)
+        assert h.distance is None and h.dot is None and same_payload(h.payload, pts[i].payload)
         np.testing.assert_allclose(h.vector, dense[i], atol=1e-6)
         assert h.sparse[0] == pts[i].sparse_indices
         np.testing.assert_allclose(h.sparse[1], pts[i].sparse_values, atol=1e-6)
@@ -256,7 +257,7 @@ def test_docs_round_trip_and_are_not_points(filled, cfg):
     assert store.get_doc("shards") == {"a.tar": {"size": 1}}
     assert store.get_doc("clusters")["centroids"] == [[0.0] * 3] * 2
     assert store.count() == N and len(list(store.scroll())) == N
-    assert cfg.collection in store.collections()
+    assert cfg.collection in backend(cfg).collections()
     with pytest.raises(StoreError, match="invalid doc name"):
         store.put_doc("../x", {})
     store.close()
@@ -320,13 +321,14 @@ def test_edge_held_by_another_process_then_killed(cfg):
 
 def test_server_upsert_retries_then_fails_clearly(monkeypatch, caplog):
     """A server that goes away mid-run: upsert retries with backoff, then one clear error."""
-    from phisearch.indexer import store_server
+    from phisearch.indexer.store import server as store_server
     from qdrant_client import QdrantClient
 
     monkeypatch.setattr(store_server, "BACKOFF", 0.01)
-    s = store_server.ServerStore.__new__(store_server.ServerStore)   # skip the connect check
-    s.cfg, s.name, s.meta_name, s._dim = StoreConfig(url="http://127.0.0.1:9"), "c", "c_m", DIM
-    s.client = QdrantClient(url=s.cfg.url, timeout=2, check_compatibility=False)
+    cfg = StoreConfig(url="http://127.0.0.1:9")
+    client = QdrantClient(url=cfg.url, timeout=2, check_compatibility=False)
+    s = store_server.ServerStore(cfg, client, "c")   # no connect check: the server is gone
+    s._dim = DIM
     with caplog.at_level(logging.WARNING), pytest.raises(StoreError, match="cannot reach"):
         s.upsert(make_points(3)[0])
     assert sum("retry" in r.message for r in caplog.records) == store_server.RETRIES - 1
@@ -337,7 +339,9 @@ def test_drop_removes_collection(cfg):
         s.ensure(META)
         s.upsert(make_points(3)[0])
         s.drop()
-        assert s.meta() is None and s.count() == 0 and cfg.collection not in s.collections()
+        assert s.meta() is None and s.count() == 0
+    with backend(cfg) as b:
+        assert cfg.collection not in b.collections()
 
 
 def test_unreachable_server_is_a_clear_error():

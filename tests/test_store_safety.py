@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 import pytest
-from phisearch.indexer import checkpoint as ckpt
-from phisearch.indexer.shards import read_shard
+from phisearch.indexer.model import checkpoint as ckpt
+from phisearch.indexer.sources.shards import read_shard
 from phisearch.indexer.store import StoreConfig, open_store, point_id
 from test_build import split_shard
 

@@ -3,15 +3,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from phisearch.indexer import checkpoint as ckpt
-from phisearch.indexer.train import (
-    EVAL_SIGMAS,
-    TrainConfig,
-    denoise_eval,
-    load_images,
-    sample_sigmas,
-    train,
-)
+from phisearch.indexer.model import checkpoint as ckpt
+from phisearch.indexer.train.denoise_eval import EVAL_SIGMAS, denoise_eval
+from phisearch.indexer.train.loop import TrainConfig, load_images, sample_sigmas, train
 
 
 def tiny_cfg(mini_shard, out, steps, **kw) -> TrainConfig:
@@ -102,3 +96,44 @@ def test_denoise_eval_is_deterministic(tiny_checkpoint, mini_shard):
     imgs = load_images([mini_shard], 16)
     assert denoise_eval(model, imgs, sigmas=(0.2,)) == denoise_eval(model, imgs, sigmas=(0.2,))
     assert torch.is_grad_enabled()  # the no_grad decorator does not leak
+
+
+def test_resume_restores_adam_moments_and_the_noise_generator(tmp_path, mini_shard):
+    from phisearch.indexer.train.loop import Trainer
+    from safetensors import safe_open
+
+    train(tiny_cfg(mini_shard, tmp_path, 4))
+    with safe_open(str(tmp_path / "train_state.safetensors"), framework="pt") as f:
+        saved = {k: f.get_tensor(k) for k in f.keys()}
+    t = Trainer(tiny_cfg(mini_shard, tmp_path, 8))   # the resume path, stopped before a step
+    moments = [t.opt.state[p]["exp_avg_sq"] for p in t.opt.param_groups[0]["params"]]
+    assert len(moments) == sum(k.endswith("exp_avg_sq") for k in saved) > 0
+    assert all(torch.equal(m, saved[f"{i}.exp_avg_sq"]) for i, m in enumerate(moments))
+    assert float(t.opt.state[t.opt.param_groups[0]["params"][0]]["step"]) == 4
+    assert torch.equal(t.gen.get_state(), saved["generator"])   # the noise stream continues
+    assert t.state["step"] == 4
+
+
+def test_progress_reports_every_two_seconds_not_every_step(tmp_path, mini_shard):
+    import time
+
+    calls: list[float] = []
+    t0 = time.monotonic()
+    train(tiny_cfg(mini_shard, tmp_path, 150), progress=lambda p: calls.append(time.monotonic()))
+    elapsed = time.monotonic() - t0
+    assert elapsed > 2.5, "too fast to tell: raise the step count"
+    assert len(calls) <= 2 + elapsed / 2, (len(calls), elapsed)
+
+
+def test_cpu_step_probe_times_every_mode_and_the_run_records_it(tmp_path, mini_shard):
+    from phisearch.indexer.model.config import preset
+    from phisearch.indexer.model.unet import UNet
+    from phisearch.indexer.train.speed import CANDIDATES, probe
+
+    mode, times = probe(UNet(preset("tiny")), 4)
+    assert set(times) == {m.label for m in CANDIDATES} and times[mode.label] is not None
+    assert times[mode.label] == min(v for v in times.values() if v is not None)
+    path = train(TrainConfig(data=(mini_shard,), out=str(tmp_path), preset="tiny", batch_size=4,
+                             max_steps=2, workers=0, device="cpu"))   # dtype auto: probed
+    info = json.loads(path.with_suffix(".json").read_text())
+    assert info["step_mode"] in times and set(info["speed_probe"]) == set(times)

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from phisearch.indexer import checkpoint as ckpt
-from phisearch.indexer import images
-from phisearch.indexer.config import PhiConfig
-from phisearch.indexer.pipeline import BuildConfig, build
-from phisearch.indexer.shards import read_shard
+from phisearch.indexer.build.pipeline import BuildConfig, build
+from phisearch.indexer.model import checkpoint as ckpt
+from phisearch.indexer.model.config import PhiConfig
+from phisearch.indexer.sources import images
+from phisearch.indexer.sources.shards import read_shard
 from phisearch.indexer.store import StoreConfig, open_store
 from PIL import Image
 
@@ -80,7 +80,7 @@ def test_search_random_gives_k_hits_and_label_filter_applies(app):
     at = random_search(app, k=7)
     hits = at.session_state["hits"]
     assert len(hits) == 7
-    assert hits[0].score < 1e-3   # the random image itself, at distance 0
+    assert hits[0].distance < 1e-3   # the random image itself, at distance 0
     captions = [c.value for c in at.caption if c.value.startswith("d = ")]
     assert len(captions) == 7 and all("unclustered" in c for c in captions)
     assert not at.error
@@ -96,7 +96,7 @@ def test_upload_of_an_indexed_image_finds_itself(app, mini_shard):
     app.run()
     ok(app)
     hits = app.session_state["hits"]
-    assert hits[0].payload["key"] == key and hits[0].score < 1e-3
+    assert hits[0].payload["key"] == key and hits[0].distance < 1e-3
     assert app.session_state["query"]["name"] == "upload: q.jpg"
 
 
@@ -149,7 +149,7 @@ def test_explain_page_lists_drivers_and_shared_channels(app):
     assert at.session_state["explain_id"] == second.id
     metrics = {m.label: m.value for m in at.metric}
     assert float(metrics["Search distance (collection's readout)"]) == pytest.approx(
-        second.score, abs=1e-3)
+        second.distance, abs=1e-3)
     assert len(at.dataframe) >= 1 and "share" in at.dataframe[0].value.columns
 
 
@@ -173,7 +173,7 @@ def test_channels_page_top_images_and_participation(app):
 
 
 def test_clusters_page_before_and_after_idx_cluster(monkeypatch, store_cfg, tmp_path):
-    cluster_mod = pytest.importorskip("phisearch.indexer.cluster")
+    cluster_mod = pytest.importorskip("phisearch.indexer.manage.cluster")
     copy = StoreConfig(path=str(tmp_path / "store"), collection=store_cfg.collection)
     shutil.copytree(store_cfg.path, copy.path)   # clustering writes labels: use a copy
     use_store(monkeypatch, copy)

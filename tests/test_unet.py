@@ -2,8 +2,8 @@ import dataclasses
 
 import pytest
 import torch
-from phisearch.indexer.config import UNetConfig, preset
-from phisearch.indexer.unet import UNet, count_parameters
+from phisearch.indexer.model.config import UNetConfig, preset
+from phisearch.indexer.model.unet import UNet, count_parameters
 
 
 def test_paper64_parameter_count():

@@ -23,7 +23,7 @@ s = common.settings()
 with st.sidebar:
     st.caption(f"Store: `{s.where}`")
     h = common.holder(s)
-    if not s.store.url:
+    if h.releases_when_idle:
         state = "open" if h.is_open else "closed"
         st.caption(f"Handle {state}; closed after {s.hold_s:g} s idle so that `idx build` can "
                    "take the store.")

@@ -8,7 +8,9 @@ from typing import Annotated
 
 import typer
 from phisearch.indexer import cli as indexer_cli
-from phisearch.indexer.cli_common import DEBUG, UsageError, UserError, setup_logging
+from phisearch.indexer.cli.common import DEBUG, UsageError, UserError, setup_logging
+from phisearch.search import cli as search_cli
+from phisearch.ui import commands as ui_commands
 
 app = typer.Typer(
     name="idx", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -35,18 +37,8 @@ def main_options(
 
 
 indexer_cli.register(app)
-try:  # the read side and the UI register themselves when present
-    from phisearch.search import cli as search_cli
-
-    search_cli.register(app)
-except ImportError:  # pragma: no cover - only while the search layer is being written
-    pass
-try:
-    from phisearch.ui import commands as ui_commands
-
-    ui_commands.register(app)
-except ImportError:  # pragma: no cover
-    pass
+search_cli.register(app)
+ui_commands.register(app)
 
 
 def main() -> None:

@@ -8,12 +8,14 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from phisearch.indexer.cli_common import (
+from phisearch.indexer.cli.common import (
     ApiKeyOpt,
     CollectionOpt,
     StoreOpt,
     UrlOpt,
     default_store,
+    store_config,
+    warn_if_missing,
 )
 
 APP = Path(__file__).with_name("app.py")
@@ -50,9 +52,8 @@ def ui(
         path = Path(store or default_store()).expanduser().resolve()
         env["PHISEARCH_UI_STORE"] = str(path)
         env.pop("PHISEARCH_UI_QDRANT_URL", None)
-        if not (path / collection / "meta.json").is_file():
-            typer.echo(f"warning: no collection {collection} in {path} yet; the UI will say so "
-                       "until idx build has run", err=True)
+    warn_if_missing(store_config(store, qdrant_url, api_key, collection),
+                    "the UI will say so until idx build has run")
     cmd = [sys.executable, "-m", "streamlit", "run", str(APP),
            "--server.headless", "true", "--server.address", address, "--server.port", str(port),
            "--server.fileWatcherType", "none", "--server.maxUploadSize", "64",

@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,9 +27,11 @@ from typing import Any, TypeVar
 
 import numpy as np
 import streamlit as st
-from phisearch.indexer import images
-from phisearch.indexer.cli_common import default_store
-from phisearch.indexer.store import Store, StoreBusy, StoreConfig, StoreError, open_store
+from phisearch.indexer.cli.common import default_store
+from phisearch.indexer.model.phi import participation_ratio
+from phisearch.indexer.sources import images
+from phisearch.indexer.store import Store, StoreBusy, StoreConfig, StoreError
+from phisearch.indexer.store.holder import StoreHolder
 from phisearch.search.query import NotFound
 
 log = logging.getLogger(__name__)
@@ -59,8 +60,7 @@ class UiSettings:
 
     @property
     def where(self) -> str:
-        s = self.store
-        return s.url if s.url else f"{s.path} (collection {s.collection})"
+        return self.store.where
 
 
 def settings() -> UiSettings:
@@ -79,78 +79,6 @@ def settings() -> UiSettings:
 
 
 # ----------------------------------------------------------------------------- the store
-
-
-class StoreHolder:
-    """The server process's one store handle, shared by all sessions under a lock and closed
-    after `hold_s` idle seconds (Edge only)."""
-
-    def __init__(self, cfg: StoreConfig, hold_s: float) -> None:
-        self.cfg = cfg
-        self.hold_s = hold_s
-        self._lock = threading.RLock()
-        self._store: Store | None = None
-        self._timer: threading.Timer | None = None
-        self._last_used = 0.0
-
-    @property
-    def is_open(self) -> bool:
-        return self._store is not None
-
-    @contextmanager
-    def use(self) -> Iterator[Store]:
-        """The open store, for the length of the with-block (consume scrolls inside it).
-        Raises StoreBusy while another process holds an Edge store."""
-        with self._lock:
-            if self._store is not None and getattr(self._store, "shard", True) is None:
-                self._close()   # an Edge store opened before `idx build` made it: look again
-            if self._store is None:
-                self._store = open_store(self.cfg)
-            try:
-                yield self._store
-            finally:
-                self._last_used = time.monotonic()
-                self._arm()
-
-    def unheld(self, fn: Callable[[StoreConfig], T]) -> T:
-        """Call fn(cfg), a library function that opens the store itself (pipeline.status),
-        with this process's handle closed meanwhile."""
-        with self._lock:
-            self._close()
-            return fn(self.cfg)
-
-    def release(self) -> None:
-        """Close the handle now (the next use reopens it)."""
-        with self._lock:
-            self._close()
-
-    def _arm(self) -> None:
-        if self.cfg.url:        # a server allows any number of clients: keep it
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-        if self.hold_s <= 0:
-            self._close()
-            return
-        self._timer = threading.Timer(self.hold_s, self._close_if_idle)
-        self._timer.daemon = True
-        self._timer.start()
-
-    def _close_if_idle(self) -> None:
-        with self._lock:
-            if time.monotonic() - self._last_used >= self.hold_s - 1e-3:
-                self._close()
-
-    def _close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._store is not None:
-            try:
-                self._store.close()
-            finally:
-                self._store = None
-                log.info("store handle released")
 
 
 @st.cache_resource(show_spinner=False)
@@ -203,7 +131,7 @@ _IDENTITY = ("model_sha256", "checkpoint", "readout", "sigma", "draws", "seed")
 
 @st.cache_resource(show_spinner="Loading the model...")
 def _embedder(identity: str, device: str):
-    from phisearch.indexer.embedder import Embedder
+    from phisearch.indexer.model.embedder import Embedder
 
     return Embedder.from_meta(json.loads(identity), device)
 
@@ -353,12 +281,9 @@ class Catalog:
         PR_c = (Σ_i a_ic)² / (N Σ_i a_ic²), in (0, 1]: 1 when every image activates the channel
         equally, about k/N when k images activate it equally and the rest not at all; 0 for a
         channel that never fires."""
-        s1 = self.mid.sum(0, dtype=np.float64)
-        s2 = (self.mid.astype(np.float64) ** 2).sum(0)
-        n = max(len(self), 1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            pr = np.where(s2 > 0, s1 ** 2 / (n * s2), 0.0)
-        return pr.astype(np.float32)
+        if not len(self):
+            return np.zeros(self.mid.shape[1], np.float32)
+        return participation_ratio(self.mid, axis=0, dead=0.0).astype(np.float32)
 
 
 def scan_catalog(store: Store, sparse_dim: int) -> Catalog:

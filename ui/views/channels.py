@@ -53,5 +53,5 @@ if not top:
     st.stop()
 labels = pd.Series([common.label_text(x.payload) for x in top]).value_counts()
 st.caption("Labels among them: " + ", ".join(f"{name} {n}" for name, n in labels.items()))
-common.thumb_grid([(x.payload, f"a = {x.score:.4f} · {common.label_text(x.payload)}")
+common.thumb_grid([(x.payload, f"a = {x.dot:.4f} · {common.label_text(x.payload)}")
                    for x in top], cols=8, key="chan")

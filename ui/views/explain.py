@@ -22,7 +22,7 @@ default = ids.index(ss["explain_id"]) if ss.get("explain_id") in by_id else 0
 choice = st.selectbox(
     "Hit", ids, index=default, key="explain_pick",
     format_func=lambda i: f"{by_id[i].payload.get('key')} · {common.label_text(by_id[i].payload)}"
-                          f" · d = {by_id[i].score:.3f}")
+                          f" · d = {by_id[i].distance:.3f}")
 ss["explain_id"] = choice
 top = st.slider("Channels listed", 3, 32, 10, key="explain_top")
 
@@ -45,7 +45,7 @@ with c2:
     if img is not None:
         st.image(common.png_bytes(img, 2), caption=f"hit: {full[0].payload.get('key')}")
 with c3:
-    st.metric("Search distance (collection's readout)", f"{by_id[choice].score:.4f}")
+    st.metric("Search distance (collection's readout)", f"{by_id[choice].distance:.4f}")
     st.metric("Middle-block distance", f"{ex['distance']:.4f}",
               help="Euclidean distance between the two middle-block channel-mean vectors, "
                    "the space the channels below live in.")

@@ -45,7 +45,7 @@ def stored_mid(point_id: str) -> tuple[np.ndarray, dict]:
 
 
 def hit_name(x) -> str:
-    return f"{x.payload.get('key')} · {common.label_text(x.payload)} · d = {x.score:.3f}"
+    return f"{x.payload.get('key')} · {common.label_text(x.payload)} · d = {x.distance:.3f}"
 
 
 if src == "Uploaded image":

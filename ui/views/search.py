@@ -83,13 +83,13 @@ with common.guard(), h.use() as store:
 if not hits:
     st.warning("No hits with these filters.")
     st.stop()
-far = float(np.ceil(max(x.score for x in hits) * 1000) / 1000) or 0.001
+far = float(np.ceil(max(x.distance for x in hits) * 1000) / 1000) or 0.001
 with c3:
     # step 0.001, like `far`: a value off the step grid makes the browser send it back (rerun)
     max_d = st.slider("Max distance", 0.0, far, far, step=0.001, format="%.3f")
 with c4:
     st.metric("Indexed images", len(cat))
-hits = [x for x in hits if x.score <= max_d]
+hits = [x for x in hits if x.distance <= max_d]
 ss["hits"] = hits
 
 # ----------------------------------------------------------------------------- results
@@ -102,6 +102,6 @@ def open_explain(i: int) -> None:
 
 st.subheader(f"{len(hits)} nearest" + (f" (filtered: {flt})" if flt else ""))
 common.thumb_grid(
-    [(x.payload, (f"d = {x.score:.3f} · {common.label_text(x.payload)} · "
+    [(x.payload, (f"d = {x.distance:.3f} · {common.label_text(x.payload)} · "
                   f"{common.cluster_text(x.payload)}")) for x in hits],
     button=("Explain", open_explain), key="hit")

@@ -1,0 +1,1 @@
+"""`idx build`: sources -> φ -> store, resumable; distributed; watch; npz export."""

@@ -1,0 +1,1 @@
+"""Operations on a built collection: cluster, export, remove, snapshots, aliases."""

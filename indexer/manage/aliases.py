@@ -1,0 +1,45 @@
+"""Collection aliases: build a new collection beside the old one, then switch a name over.
+
+Queries, the UI and `idx serve` open a collection by name; when that name is an alias they get
+its target, resolved at open time. So a model or φ upgrade runs without downtime:
+`idx build --collection phisearch-v2 ...` builds beside the live collection, which keeps
+answering, and `idx alias set phisearch phisearch-v2` switches every later open in one atomic
+step (Edge: aliases.json replaced atomically; server: one update_collection_aliases call).
+"""
+
+from __future__ import annotations
+
+from phisearch.indexer.store import StoreConfig, backend
+
+OVERVIEW_KEYS = ("checkpoint", "model_sha256", "readout", "sigma", "draws", "seed", "dim",
+                 "schema_version")
+
+
+def list_aliases(cfg: StoreConfig) -> dict[str, str]:
+    """{alias: collection} for the store or server."""
+    with backend(cfg) as b:
+        return b.aliases()
+
+
+def set_alias(cfg: StoreConfig, alias: str, target: str) -> str | None:
+    """Point `alias` at collection `target` (creating or switching it). Returns the previous
+    target. Refuses a target that is not a phisearch collection and an alias that would hide
+    a real collection."""
+    with backend(cfg) as b:
+        return b.set_alias(alias, target)
+
+
+def delete_alias(cfg: StoreConfig, alias: str) -> str:
+    """Remove an alias (never a collection). Returns the target it pointed at."""
+    with backend(cfg) as b:
+        return b.delete_alias(alias)
+
+
+def overview(cfg: StoreConfig) -> list[dict]:
+    """Every collection in the store or server with its model, φ settings and aliases (for
+    `idx status`): what a switch would change, read without opening any Edge shard."""
+    with backend(cfg) as b:
+        aliases, metas = b.aliases(), b.metas()
+    return [dict({k: meta.get(k) for k in OVERVIEW_KEYS}, name=name,
+                 aliases=sorted(a for a, c in aliases.items() if c == name))
+            for name, meta in metas.items()]

@@ -1,0 +1,91 @@
+"""The model plus φ settings plus readout: one object that turns images into a collection's
+vectors, and the identity a collection records so it can refuse vectors made any other way."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from phisearch.indexer.model import checkpoint as ckpt
+from phisearch.indexer.model.config import PhiConfig
+from phisearch.indexer.model.phi import MID, features
+from phisearch.indexer.model.readout import Readout
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but torch sees no CUDA device")
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f'unknown device "{name}"; use auto, cpu or cuda')
+    return torch.device(name)
+
+
+def sparse_of(mid: np.ndarray) -> list[tuple[list[int], list[float]]]:
+    """The non-zero channels of each row of (N, C) middle-block means."""
+    out = []
+    for row in mid:
+        idx = np.flatnonzero(row > 0)
+        out.append((idx.tolist(), row[idx].astype(np.float32).tolist()))
+    return out
+
+
+@dataclass
+class Embedder:
+    checkpoint: ckpt.Checkpoint
+    phi: PhiConfig
+    readout: Readout
+    device: torch.device
+
+    @classmethod
+    def create(cls, checkpoint: str | None = None, phi: PhiConfig | None = None,
+               device: str = "auto") -> Embedder:
+        dev = pick_device(device)
+        c = ckpt.load(checkpoint, dev)
+        phi = phi or PhiConfig(readout=c.info.get("readout", "mid"))
+        readout = Readout.from_checkpoint(phi.readout, c.extras)
+        return cls(c, phi, readout, dev)
+
+    @classmethod
+    def from_meta(cls, meta: dict, device: str = "auto") -> Embedder:
+        """Rebuild the embedder a collection was built with, and check it is the same model."""
+        phi = PhiConfig(sigma=meta["sigma"], draws=meta["draws"], seed=meta["seed"],
+                        readout=meta.get("readout", "mid"))
+        e = cls.create(meta.get("checkpoint"), phi, device)
+        if e.checkpoint.sha256 != meta["model_sha256"]:
+            raise ValueError(
+                f"the collection was built with model {meta['model_sha256'][:12]} but checkpoint "
+                f"{meta.get('checkpoint')} is {e.checkpoint.sha256[:12]}; pass --checkpoint")
+        return e
+
+    @property
+    def dim(self) -> int:
+        if self.readout.whitening is not None:
+            return int(self.readout.whitening.proj.shape[1])
+        widths = dict(zip(("E1.out", "E2.out", "E3.out", MID), self.checkpoint.model.cfg.widths))
+        return int(sum(widths[t] for t in self.readout.taps))
+
+    def meta(self) -> dict:
+        """What a collection records; the identity keys must match for vectors to be added."""
+        path = self.checkpoint.path
+        builtin = path is not None and path.parent == ckpt.BUILTIN_DIR
+        return {
+            "model_sha256": self.checkpoint.sha256,
+            "checkpoint": path.stem if builtin else str(path),
+            "readout": self.readout.label,
+            "readout_sha256": self.readout.sha256(),
+            "sigma": float(self.phi.sigma),
+            "draws": int(self.phi.effective_draws),
+            "seed": int(self.phi.seed),
+            "dim": self.dim,
+            "sparse_dim": self.checkpoint.model.mid_channels,
+        }
+
+    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(N, 64, 64, 3) uint8 -> (dense (N, dim), middle-block means (N, C_M)), float32."""
+        taps = tuple(dict.fromkeys(self.readout.taps + (MID,)))
+        f = features(self.checkpoint.model, images, self.phi.sigma, self.phi.effective_draws,
+                     self.phi.seed, taps)
+        return self.readout.vectors(f), f[MID].numpy()

@@ -1,0 +1,117 @@
+"""φ(x; σ, n): spatial means of the middle block over n noisy copies of x (SPEC §2).
+
+The noise for an image comes from a CPU generator seeded by `seed` and a hash of the image's
+uint8 pixels, so identical pixels give identical φ in any batch, on any device, whether the
+image was indexed or uploaded (CONTRACT.md). Draws are folded into the batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from phisearch.indexer.model.unet import UNet
+from torch import Tensor
+
+MID = "M.out"
+Pooling = Callable[[Tensor], Tensor]   # the middle block's map (N, C, h, w) -> (N, D)
+
+
+def as_uint8(images: np.ndarray | Tensor) -> np.ndarray:
+    """(N, H, W, 3) uint8 from either uint8 NHWC arrays or float NCHW tensors in [0, 1]."""
+    if isinstance(images, np.ndarray) and images.dtype == np.uint8:
+        return images
+    t = images if isinstance(images, Tensor) else torch.from_numpy(np.asarray(images))
+    t = (t.detach().float().cpu().clamp(0, 1) * 255.0).round().to(torch.uint8)
+    return t.permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def as_float(images: np.ndarray | Tensor) -> Tensor:
+    """(N, 3, H, W) float32 in [0, 1] on the CPU."""
+    if isinstance(images, np.ndarray) and images.dtype == np.uint8:
+        return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
+    t = images if isinstance(images, Tensor) else torch.from_numpy(np.asarray(images))
+    return t.detach().float().cpu()
+
+
+def noise_seed(pixels: np.ndarray, seed: int) -> int:
+    """A 63-bit generator seed from the φ seed and one image's uint8 pixels."""
+    h = hashlib.blake2b(np.ascontiguousarray(pixels).tobytes(), digest_size=8,
+                        key=int(seed).to_bytes(8, "little", signed=True))
+    return int.from_bytes(h.digest(), "little") >> 1
+
+
+def noise(pixels: np.ndarray, draws: int, seed: int) -> Tensor:
+    """(draws, N, 3, H, W) standard normal noise, each image's from its own generator."""
+    n, h, w, c = pixels.shape
+    out = torch.empty((draws, n, c, h, w))
+    g = torch.Generator()
+    for i in range(n):
+        g.manual_seed(noise_seed(pixels[i], seed))
+        out[:, i] = torch.randn((draws, c, h, w), generator=g)
+    return out
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def features(model: UNet, images: np.ndarray | Tensor, sigma: float, draws: int, seed: int,
+             taps: tuple[str, ...] = (MID,), amp_dtype: torch.dtype | None = None,
+             per_draw: bool = False, poolings: dict[str, Pooling] | None = None
+             ) -> dict[str, Tensor]:
+    """Spatial means of the named block inputs/outputs ("E1.out", "M.out", ...), averaged over
+    the draws. Returns {name: (N, C) float32 on the CPU}. Runs the decoder only if a tap needs it.
+    per_draw: keep the draws apart, (draws, N, C). Draw j's noise does not depend on `draws`, so
+    the mean of the first d of them is exactly φ with d draws (bench/draws_sweep.py).
+    poolings: other named reductions of the middle block's map (experiments), each averaged
+    over the draws like a tap."""
+    pixels = as_uint8(images)
+    x = as_float(images)
+    n = x.shape[0]
+    draws = 1 if sigma == 0 else draws
+    device = next(model.parameters()).device
+    if n == 0:
+        return {}
+    y = x.unsqueeze(0)
+    if sigma > 0:
+        y = y + sigma * noise(pixels, draws, seed)                     # (draws, N, 3, H, W)
+    y = y.reshape(draws * n, *x.shape[1:]).to(device, non_blocking=True)
+    got: dict[str, Tensor] = {}
+    with _autocast(device, amp_dtype):
+        mid_map, skips = model.encode(y, taps=got)
+        if any(t.startswith("D") for t in taps):
+            model.decode(mid_map, skips, taps=got)
+        for name, pool in (poolings or {}).items():
+            got[name] = pool(mid_map.float())
+    missing = set(taps) - set(got)
+    if missing:
+        raise ValueError(f"unknown taps {sorted(missing)}; known: {sorted(got)}")
+    names = tuple(taps) + tuple(poolings or ())
+    split = {t: got[t].float().unflatten(0, (draws, n)) for t in names}   # (draws, N, C)
+    return {t: (v if per_draw else v.mean(0)).cpu() for t, v in split.items()}
+
+
+def participation_ratio(v: np.ndarray | Tensor, axis: int = -1, dead: float = np.nan
+                        ) -> np.ndarray:
+    """(Σ|v|)² / (C Σv²) along `axis`, C the length of that axis: in [1/C, 1], 1 when every
+    entry is equal, about k/C when k entries are equal and the rest zero (SPEC §3). An all-zero
+    vector (a dead channel) gets `dead`: NaN to leave it out of averages, 0 to rank it last.
+    Signed vectors (the image, the transposed-conv half of decoder inputs) count by |v|."""
+    v = np.abs(np.asarray(v, np.float64))
+    s1, s2 = v.sum(axis), (v * v).sum(axis)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(s2 > 0, s1 * s1 / (v.shape[axis] * s2), dead)
+
+
+def phi(model: UNet, images: np.ndarray | Tensor, sigma: float, draws: int, seed: int,
+        amp_dtype: torch.dtype | None = None) -> Tensor:
+    """The paper's φ: (N, C_M) float32, non-negative. images: (N, H, W, 3) uint8 or (N, 3, H, W)
+    float in [0, 1]."""
+    return features(model, images, sigma, draws, seed, (MID,), amp_dtype)[MID]

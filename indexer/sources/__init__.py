@@ -1,0 +1,1 @@
+"""Images in, from shards and folders: decoding, records, the loader. No model, no store."""

@@ -1,0 +1,446 @@
+"""The Qdrant server backend of the store (qdrant-client against a URL; never its local mode).
+
+Metadata and documents live in a companion collection `<collection>__phisearch_meta` (a 1-d
+dummy vector; one point per record, id uuid5 of its name, the record as JSON text in the
+payload), so they are never points of the main collection. Server Euclid scores are true
+distances (Qdrant's Euclid post-processing takes the square root, as Edge's does), so `score`
+means the same in both backends; the shared test suite checks it against numpy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import numpy as np
+from phisearch.indexer.store.base import (
+    DENSE,
+    INDEXES,
+    NAMESPACE,
+    SPARSE,
+    Backend,
+    Hit,
+    PointData,
+    Store,
+    StoreConfig,
+    StoreError,
+    check_meta,
+    check_name,
+    dense_list,
+    group_payloads,
+    parse_filter,
+    plain,
+    prepare_meta,
+)
+from qdrant_client import QdrantClient, models
+from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+META_SUFFIX = "__phisearch_meta"
+RETRIES, BACKOFF = 5, 0.5
+SNAPSHOTS_DIR = "/qdrant/snapshots"   # where the server keeps its snapshot files
+
+
+def _is_connection_error(e: BaseException) -> bool:
+    """Errors worth a retry: the server was unreachable, not a refused request."""
+    if isinstance(e, (ResponseHandlingException, ConnectionError, TimeoutError)):
+        return True
+    try:
+        import grpc
+    except ImportError:
+        return False
+    return isinstance(e, grpc.RpcError) and e.code() in (
+        grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def _is_not_found(e: BaseException) -> bool:
+    """gRPC's answer for a collection that does not exist."""
+    try:
+        import grpc
+    except ImportError:
+        return False
+    return isinstance(e, grpc.RpcError) and e.code() == grpc.StatusCode.NOT_FOUND
+
+
+def _short(e: BaseException) -> str:
+    """One line: gRPC errors carry theirs in details(), others in their first line."""
+    details = getattr(e, "details", None)
+    text = details() if callable(details) else str(e)
+    return (text or type(e).__name__).splitlines()[0]
+
+
+class _Missing(StoreError):
+    """The server answered 404: the collection does not exist (yet)."""
+
+
+def _doc_id(name: str) -> str:
+    return str(uuid.uuid5(NAMESPACE, f"doc/{name}"))
+
+
+META_ID = str(uuid.uuid5(NAMESPACE, "meta"))
+
+
+class ServerStore(Store):
+    """A collection on a Qdrant server, plus its companion metadata collection."""
+
+    backend = "server"
+
+    def __init__(self, cfg: StoreConfig, client: QdrantClient, name: str) -> None:
+        self.cfg = cfg
+        self.client = client
+        self.name = name                  # an alias was resolved at open, by the backend
+        self.meta_name = self.name + META_SUFFIX
+        self._dim: int | None = None
+
+    @property
+    def where(self) -> str:
+        return f"Qdrant at {self.cfg.url} collection {self.name}"
+
+    @contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        """Client exceptions -> one-line StoreErrors."""
+        try:
+            yield
+        except StoreError:
+            raise
+        except UnexpectedResponse as e:
+            if e.status_code == 404 and b"doesn't exist" in (e.content or b""):
+                raise _Missing(str(e)) from None
+            hint = " (check --api-key / QDRANT_API_KEY)" if e.status_code in (401, 403) else ""
+            body = e.content.decode(errors="replace") if e.content else ""
+            if body.lstrip().startswith("<") or "html" in body[:200].lower():
+                raise StoreError(f"{self.cfg.url} answered {what} with an HTML page (HTTP "
+                                 f"{e.status_code} {e.reason_phrase}): not a Qdrant server? "
+                                 "check --qdrant-url") from None
+            detail = " ".join(body.split())[:200] if body else e.reason_phrase
+            raise StoreError(f"Qdrant at {self.cfg.url} refused {what}: HTTP {e.status_code} "
+                             f"{detail}{hint}") from None
+        except Exception as e:
+            if _is_not_found(e):
+                raise _Missing(str(e)) from None
+            if _is_connection_error(e):
+                raise StoreError(f"cannot reach Qdrant at {self.cfg.url}: {_short(e)}") from None
+            raise StoreError(f"{what} on {self.where} failed: {e}") from e
+
+    def _retry(self, what: str, fn: Callable[[], T]) -> T:
+        """Retry connection errors with exponential backoff (tenacity): a long build survives
+        a blip; a refused request fails at once."""
+        def warn(state: RetryCallState) -> None:
+            log.warning("%s on %s failed (%s); retry %d/%d", what, self.where,
+                        type(state.outcome.exception()).__name__, state.attempt_number,
+                        RETRIES - 1)
+
+        retrying = Retrying(stop=stop_after_attempt(RETRIES), reraise=True,
+                            wait=wait_exponential(multiplier=BACKOFF, max=30),
+                            retry=retry_if_exception(_is_connection_error), before_sleep=warn,
+                            sleep=time.sleep)
+        with self._errors(what):
+            return retrying(fn)
+
+    # -- metadata and documents -------------------------------------------------------------
+    def _get_record(self, pid: str) -> dict | None:
+        try:
+            with self._errors("read metadata"):
+                recs = self.client.retrieve(self.meta_name, [pid], with_payload=True,
+                                            with_vectors=False)
+        except _Missing:
+            return None
+        return json.loads(recs[0].payload["json"]) if recs else None
+
+    def _put_record(self, pid: str, name: str, doc: dict) -> None:
+        point = models.PointStruct(id=pid, vector=[1.0],
+                                   payload={"name": name, "json": json.dumps(plain(doc))})
+        self._retry("write metadata", lambda: self.client.upsert(
+            self.meta_name, [point], wait=True))
+
+    def meta(self) -> dict | None:
+        return self._get_record(META_ID)
+
+    def ensure(self, meta: dict) -> None:
+        meta = prepare_meta(meta)
+        stored = self.meta()
+        if stored is not None:
+            check_meta(stored, meta, self.where)
+            self._dim = stored["dim"]
+            return
+        with self._errors("create collection"):
+            if not self.client.collection_exists(self.name):
+                log.info("creating %s (dim %d)", self.where, meta["dim"])
+                self.client.create_collection(
+                    self.name,
+                    vectors_config={DENSE: models.VectorParams(size=meta["dim"],
+                                                               distance=models.Distance.EUCLID)},
+                    sparse_vectors_config={SPARSE: models.SparseVectorParams()})
+            elif self.count() > 0:
+                raise StoreError(f"{self.where} holds points but no phisearch metadata; not a "
+                                 "phisearch collection? delete it to rebuild")
+            for field, kind in INDEXES.items():
+                schema = models.PayloadSchemaType.INTEGER if kind == "integer" else \
+                    models.PayloadSchemaType.KEYWORD
+                self.client.create_payload_index(self.name, field, field_schema=schema, wait=True)
+            if not self.client.collection_exists(self.meta_name):
+                self.client.create_collection(self.meta_name, vectors_config=models.VectorParams(
+                    size=1, distance=models.Distance.DOT))
+        self._put_record(META_ID, "__meta__", meta)   # last: the collection now exists
+        self._dim = meta["dim"]
+
+    def get_doc(self, name: str) -> dict | None:
+        return self._get_record(_doc_id(check_name(name, "doc")))
+
+    def put_doc(self, name: str, doc: dict) -> None:
+        if self.meta() is None:
+            raise StoreError(f"{self.where} does not exist yet: call ensure() before put_doc()")
+        self._put_record(_doc_id(check_name(name, "doc")), name, doc)
+
+    # -- points -------------------------------------------------------------------------------
+    def _filter(self, filter: dict | None, ids: list[str] | None = None) -> models.Filter | None:
+        """The one translation of a plain-dict filter into a qdrant-client Filter."""
+        must: list[Any] = []
+        for c in parse_filter(filter):
+            if c.kind == "value":
+                must.append(models.FieldCondition(key=c.key, match=models.MatchValue(value=c.value)))
+            elif c.kind == "any":
+                must.append(models.FieldCondition(key=c.key, match=models.MatchAny(any=c.value)))
+            elif c.kind == "range":
+                must.append(models.FieldCondition(key=c.key, range=models.Range(**c.value)))
+            else:
+                must.append(models.IsNullCondition(is_null=models.PayloadField(key=c.key)))
+        if ids is not None:
+            must.append(models.HasIdCondition(has_id=list(ids)))
+        return models.Filter(must=must) if must else None
+
+    def _need(self) -> None:
+        if self._dim is None:
+            m = self.meta()
+            if m is None:
+                raise StoreError(f"{self.where} does not exist yet (run idx build first)")
+            self._dim = m["dim"]
+
+    def upsert(self, points: list[PointData]) -> None:
+        self._need()
+        for i in range(0, len(points), 256):
+            batch = [models.PointStruct(id=p.id, payload=plain(p.payload), vector={
+                DENSE: dense_list(p, self._dim),
+                SPARSE: models.SparseVector(indices=[int(j) for j in p.sparse_indices],
+                                            values=[float(x) for x in p.sparse_values])})
+                for p in points[i:i + 256]]
+            self._retry("upsert", lambda b=batch: self.client.upsert(self.name, b, wait=True))
+
+    def count(self, filter: dict | None = None) -> int:
+        try:
+            with self._errors("count"):
+                return int(self.client.count(self.name, count_filter=self._filter(filter),
+                                             exact=True).count)
+        except _Missing:
+            return 0
+
+    @staticmethod
+    def _hit(p: Any, with_vectors: bool, score: str | None = None) -> Hit:
+        hit = Hit(id=str(p.id), payload=dict(p.payload or {}))
+        if score is not None:
+            setattr(hit, score, float(p.score))
+        if with_vectors and isinstance(p.vector, dict):
+            if DENSE in p.vector:
+                hit.vector = np.asarray(p.vector[DENSE], dtype=np.float32)
+            sp = p.vector.get(SPARSE)
+            hit.sparse = (list(sp.indices), list(sp.values)) if sp is not None else ([], [])
+        return hit
+
+    def _query(self, query: Any, using: str, limit: int, filter: dict | None,
+               with_vectors: bool, score: str) -> list[Hit]:
+        try:
+            with self._errors("search"):
+                res = self.client.query_points(self.name, query=query, using=using, limit=limit,
+                                               query_filter=self._filter(filter),
+                                               with_payload=True, with_vectors=with_vectors)
+        except _Missing:
+            return []
+        # Euclid scores come back as distances already (sqrt applied server-side).
+        return [self._hit(p, with_vectors, score) for p in res.points]
+
+    def search(self, vector: np.ndarray, limit: int = 10, filter: dict | None = None,
+               with_vectors: bool = False) -> list[Hit]:
+        vec = np.asarray(vector, dtype=np.float32).ravel().tolist()
+        return self._query(vec, DENSE, limit, filter, with_vectors, "distance")
+
+    def search_sparse(self, indices: list[int], values: list[float], limit: int = 10,
+                      filter: dict | None = None) -> list[Hit]:
+        if len(indices) == 0:
+            return []
+        sv = models.SparseVector(indices=[int(i) for i in indices], values=[float(v) for v in values])
+        return self._query(sv, SPARSE, limit, filter, False, "dot")
+
+    def retrieve(self, ids: list[str], with_vectors: bool = True) -> list[Hit]:
+        if not ids:
+            return []
+        try:
+            with self._errors("retrieve"):
+                recs = self.client.retrieve(self.name, [str(i) for i in ids], with_payload=True,
+                                            with_vectors=with_vectors)
+        except _Missing:
+            return []
+        by_id = {str(r.id): self._hit(r, with_vectors) for r in recs}
+        return [by_id[str(i)] for i in dict.fromkeys(ids) if str(i) in by_id]
+
+    def scroll(self, filter: dict | None = None, with_vectors: bool = False,
+               batch: int = 512) -> Iterator[Hit]:
+        flt, offset = self._filter(filter), None
+        while True:
+            try:
+                with self._errors("scroll"):
+                    recs, offset = self.client.scroll(self.name, scroll_filter=flt, limit=batch,
+                                                      offset=offset, with_payload=True,
+                                                      with_vectors=with_vectors)
+            except _Missing:
+                return
+            for r in recs:
+                yield self._hit(r, with_vectors)
+            if offset is None or not recs:
+                return
+
+    def set_payload(self, updates: dict[str, dict]) -> None:
+        self._need()
+        ops = [models.SetPayloadOperation(set_payload=models.SetPayload(payload=fields,
+                                                                        points=ids[i:i + 4096]))
+               for fields, ids in group_payloads(updates).values()
+               for i in range(0, len(ids), 4096)]
+        for i in range(0, len(ops), 256):
+            self._retry("set_payload", lambda b=ops[i:i + 256]: self.client.batch_update_points(
+                self.name, b, wait=True))
+
+    def delete(self, ids: list[str] | None = None, filter: dict | None = None) -> int:
+        if ids is None and not filter:
+            raise StoreError("delete needs ids or a filter (refusing to delete everything)")
+        if ids is not None and not ids:
+            return 0
+        flt = self._filter(filter, [str(i) for i in ids] if ids is not None else None)
+        try:
+            with self._errors("delete"):
+                n = int(self.client.count(self.name, count_filter=flt, exact=True).count)
+                if n:
+                    self.client.delete(self.name, wait=True,
+                                       points_selector=models.FilterSelector(filter=flt))
+        except _Missing:
+            return 0
+        return n
+
+    def drop(self) -> None:
+        with self._errors("delete collection"):
+            for name in (self.name, self.meta_name):
+                if self.client.collection_exists(name):
+                    self.client.delete_collection(name)
+        self._dim = None
+
+    def close(self) -> None:
+        with self._errors("close"):
+            self.client.close()
+
+    # -- snapshots: Qdrant's own API, for the collection and its companion --------------------
+    def snapshot(self) -> dict:
+        with self._errors("create snapshot"):
+            main = self.client.create_snapshot(self.name, wait=True)
+            self.client.create_snapshot(self.meta_name, wait=True)
+        return {"name": main.name, "collection": self.name, "points": self.count(),
+                "created_at": time.time(), "bytes": main.size}
+
+    def restore(self, name: str) -> dict:
+        """Recover both collections from the server's own snapshot files. The metadata snapshot
+        taken with `name` is the first one of the companion created at or after it."""
+        with self._errors("list snapshots"):
+            main = {s.name: s for s in self.client.list_snapshots(self.name)}
+            metas = sorted(self.client.list_snapshots(self.meta_name),
+                           key=lambda s: s.creation_time or "")
+        if name not in main:
+            raise StoreError(f"no snapshot {name} of {self.where}")
+        when = main[name].creation_time or ""
+        meta = next((s for s in metas if (s.creation_time or "") >= when), None)
+        with self._errors("recover snapshot"):
+            self.client.recover_snapshot(self.name, f"file://{SNAPSHOTS_DIR}/{self.name}/{name}",
+                                         wait=True)
+            if meta is not None:
+                self.client.recover_snapshot(
+                    self.meta_name, f"file://{SNAPSHOTS_DIR}/{self.meta_name}/{meta.name}",
+                    wait=True)
+        return {"name": name, "collection": self.name, "points": self.count()}
+
+
+class ServerBackend(Backend):
+    """A Qdrant server: one thread-safe client for every collection and operation."""
+
+    kind = "server"
+    shares_handles = True
+
+    def __init__(self, cfg: StoreConfig) -> None:
+        self.cfg = cfg
+        self.client = QdrantClient(url=cfg.url, api_key=cfg.api_key, prefer_grpc=cfg.prefer_grpc,
+                                   timeout=max(1, int(cfg.timeout)), check_compatibility=False)
+        self._probe = ServerStore(cfg, self.client, "-")   # its error mapping, no collection
+        with self._probe._errors("connect"):   # fail here, clearly, rather than mid-command
+            self.client.get_collections()
+
+    @property
+    def where(self) -> str:
+        return f"Qdrant at {self.cfg.url}"
+
+    def open(self, collection: str | None = None) -> ServerStore:
+        name = check_name(collection or self.cfg.collection, "collection")
+        # An alias resolves once, at open: the companion metadata follows the real name.
+        return ServerStore(self.cfg, self.client, self.aliases().get(name, name))
+
+    def collections(self) -> list[str]:
+        with self._probe._errors("list collections"):
+            names = {c.name for c in self.client.get_collections().collections}
+        return sorted(n for n in names if not n.endswith(META_SUFFIX) and n + META_SUFFIX in names)
+
+    def metas(self) -> dict[str, dict]:
+        return {n: ServerStore(self.cfg, self.client, n).meta() or {} for n in self.collections()}
+
+    def aliases(self) -> dict[str, str]:
+        with self._probe._errors("list aliases"):
+            res = self.client.get_aliases()
+        return {a.alias_name: a.collection_name for a in res.aliases}
+
+    def set_alias(self, alias: str, target: str) -> str | None:
+        self.check_alias(alias, target)
+        previous = self.aliases().get(alias)
+        ops: list = []
+        if previous is not None:
+            ops.append(models.DeleteAliasOperation(
+                delete_alias=models.DeleteAlias(alias_name=alias)))
+        ops.append(models.CreateAliasOperation(create_alias=models.CreateAlias(
+            collection_name=target, alias_name=alias)))
+        with self._probe._errors("update aliases"):   # one call: the switch is atomic
+            self.client.update_collection_aliases(change_aliases_operations=ops)
+        return previous
+
+    def delete_alias(self, alias: str) -> str:
+        target = self.aliases().get(alias)
+        if target is None:
+            raise StoreError(f"no alias {alias} at {self.cfg.url}")
+        with self._probe._errors("delete alias"):
+            self.client.update_collection_aliases(change_aliases_operations=[
+                models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name=alias))])
+        return target
+
+    def close(self) -> None:
+        self.client.close()
+
+    def snapshots(self, collection: str) -> list[dict]:
+        name = self.aliases().get(collection, collection)
+        with self._probe._errors("list snapshots"):
+            snaps = self.client.list_snapshots(name)
+        return sorted(({"name": s.name, "created_at": s.creation_time, "bytes": s.size,
+                        "collection": name} for s in snaps), key=lambda i: i["created_at"] or "")

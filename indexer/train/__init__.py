@@ -1,0 +1,1 @@
+"""Training the denoiser, its denoising evaluation, fitting readouts."""

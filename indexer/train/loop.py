@@ -1,0 +1,302 @@
+"""Resumable training of the denoiser (SPEC §1).
+
+Training state lives in the output folder: `model.safetensors` + `model.json` (the checkpoint),
+`train_state.safetensors` (Adam moments and the noise generator, as tensors: state.py),
+`train_log.jsonl` (one line per log interval) and `curve/step-NNNNNNN.safetensors` (log-spaced
+snapshots for the learning curve). Killing a run loses at most the steps since the last save.
+A resume in the same folder continues the weights, Adam's moments and the noise/augmentation
+stream exactly; the data order is re-seeded from the step (the loader's shuffle buffer is not
+saved), so it is a statistically equivalent continuation, not a bit-exact replay.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from phisearch.indexer.model import checkpoint as ckpt
+from phisearch.indexer.model.config import preset
+from phisearch.indexer.model.embedder import pick_device
+from phisearch.indexer.model.phi import as_float
+from phisearch.indexer.model.unet import UNet
+from phisearch.indexer.sources.loader import first_samples, loader
+from phisearch.indexer.sources.records import Batch
+from phisearch.indexer.sources.shards import expand
+from phisearch.indexer.train.denoise_eval import denoise_eval
+from phisearch.indexer.train.speed import StepMode, mode_from, probe
+from phisearch.indexer.train.state import dataset_size, load_state, save_state
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: tuple[str, ...]                 # training shards (paths / brace patterns)
+    out: str                              # output folder (checkpoint, state, log, curve)
+    preset: str = "small64"               # network preset (config.PRESETS)
+    batch_size: int = 32                  # small on CPU: more steps per minute
+    lr: float = 1e-3                      # Adam learning rate (SPEC §1)
+    halve_every_epochs: float = 100.0     # lr halves every this many epochs (SPEC: 100)
+    max_steps: int | None = None          # stop after this many steps in total ...
+    minutes: float | None = None          # ... or after this many minutes in this run
+    workers: int = 1                      # loader processes decoding JPEGs
+    seed: int = 0                         # init, shuffling and noise
+    test_data: tuple[str, ...] = ()       # shard(s) for periodic PSNR
+    eval_images: int = 256                # test images used for periodic PSNR
+    save_every_minutes: float = 3.0       # checkpoint interval
+    eval_every_minutes: float = 10.0      # periodic PSNR interval
+    device: str = "auto"                  # auto | cpu | cuda
+    dtype: str = "auto"                   # auto (probe on CPU, bf16 on CUDA) | fp32 | bf16
+    channels_last: bool | None = None     # None: probed with dtype on CPU, on for CUDA
+    compile: bool = False                 # torch.compile on CUDA
+    init_from: str | None = None          # warm start from this checkpoint (no optimizer state)
+    sigma_dist: str = "paper"             # paper (√σ uniform on [0, 1]) | uniform (σ uniform)
+    curve_steps: tuple[int, ...] = field(default_factory=lambda: tuple(
+        sorted({int(m * 10 ** e) for e in range(7) for m in (1, 2, 5)} | {0})))
+
+
+SIGMA_DISTS = ("paper", "uniform")
+
+
+def sample_sigmas(n: int, generator: torch.Generator, dist: str = "paper") -> torch.Tensor:
+    """σ ∈ [0, 1]. paper: √σ uniform, density ∝ σ^-1/2, small σ frequent (SPEC §1); uniform:
+    flat, so large σ (where only global content helps) are drawn 3x as often (issue 9)."""
+    if dist not in SIGMA_DISTS:
+        raise ValueError(f'unknown sigma distribution "{dist}"; choose from {SIGMA_DISTS}')
+    u = torch.rand(n, generator=generator)
+    return u ** 2 if dist == "paper" else u
+
+
+def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random horizontal flips and random 64x64 crops of a 4-px reflect-padded image."""
+    n, _, h, w = x.shape
+    flip = torch.rand(n, generator=generator) < 0.5
+    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+    pad = 4
+    xp = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    rows = (dy.view(-1, 1) + torch.arange(h)).view(n, 1, h, 1).expand(n, x.shape[1], h, w + 2 * pad)
+    xp = xp.gather(2, rows)
+    cols = (dx.view(-1, 1) + torch.arange(w)).view(n, 1, 1, w).expand(n, x.shape[1], h, w)
+    return xp.gather(3, cols)
+
+
+def loss_fn(model: UNet, x: torch.Tensor, sigma: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Sum of squared errors per image, averaged over the batch (SPEC §1)."""
+    y = x + sigma.view(-1, 1, 1, 1) * z
+    return (model(y).float() - x).pow(2).sum((1, 2, 3)).mean()
+
+
+def load_images(urls: list[str], limit: int):
+    """The first `limit` decodable images of the shards, in order: (N, 64, 64, 3) uint8."""
+    import numpy as np
+
+    return np.stack([s.image for s in first_samples(urls, limit)])
+
+
+class Trainer:
+    """One run: the model, Adam, the counters and the noise generator, saved and restored
+    together. `train()` drives it; each method is one named step of the loop."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "curve").mkdir(exist_ok=True)
+        self.ckpt_path, self.state_path = self.out / "model.safetensors", \
+            self.out / "train_state.safetensors"
+        self.device = pick_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        self.urls = expand(cfg.data)
+        self.n_data = dataset_size(self.urls)
+        self.state = {"step": 0, "images": 0, "seconds": 0.0, "runs": 0}
+        self.history: list[dict] = []
+        self.model, self.preset_name = self._load_model()
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+        self.gen = torch.Generator()
+        restored = False
+        if self.ckpt_path.exists() and self.state_path.exists():
+            meta = load_state(self.state_path, self.opt, self.gen)
+            restored = meta.pop("generator_restored", False)
+            self.state.update(meta)
+        if not restored:   # a new run, a warm start, or a state saved before generators were
+            self.gen.manual_seed(cfg.seed * 7919 + self.state["step"])
+        self.mode, self.speed = self._pick_mode()
+        if self.mode.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.fwd = torch.compile(self.model) if cfg.compile and self.device.type == "cuda" \
+            else self.model
+        self.record = {"preset": self.preset_name, "train": asdict(self.cfg),
+                       "data": {"shards": self.urls, "samples": self.n_data},
+                       "device": str(self.device), "dtype": str(self.mode.dtype),
+                       "step_mode": self.mode.label, "speed_probe": self.speed}
+
+    def _load_model(self) -> tuple[UNet, str | None]:
+        """Resume this folder's run, else warm-start from init_from, else a fresh network.
+        A warm start keeps the preset of the checkpoint it starts from."""
+        cfg = self.cfg
+        if self.ckpt_path.exists():
+            loaded = ckpt.load(self.ckpt_path, self.device)
+            self.history = loaded.info.get("psnr_history", [])
+            log.info("resuming from %s", self.ckpt_path)
+            return loaded.model.train(), loaded.info.get("preset") or cfg.preset
+        if cfg.init_from:
+            loaded = ckpt.load(cfg.init_from, self.device)
+            self.history = loaded.info.get("psnr_history", [])
+            self.state.update(step=loaded.info.get("steps", 0),
+                              images=loaded.info.get("images_seen", 0),
+                              seconds=loaded.info.get("train_seconds", 0.0))
+            log.warning("warm start from %s: weights only, Adam moments start from zero",
+                        cfg.init_from)
+            return loaded.model.train(), loaded.info.get("preset") or None
+        return UNet(preset(cfg.preset)).to(self.device).train(), cfg.preset
+
+    def _pick_mode(self) -> tuple[StepMode, dict | None]:
+        """CUDA: bf16 + channels_last. CPU: an explicit --dtype, else the fastest measured."""
+        cfg = self.cfg
+        if self.device.type == "cuda":
+            return mode_from("fp32" if cfg.dtype == "fp32" else "bf16",
+                             cfg.channels_last is not False), None
+        if cfg.dtype != "auto":
+            return mode_from(cfg.dtype, cfg.channels_last), None
+        return probe(self.model, cfg.batch_size)
+
+    # -- the loop's steps ----------------------------------------------------------------------
+    def lr(self) -> float:
+        epoch = self.state["images"] / self.n_data
+        return self.cfg.lr * 0.5 ** math.floor(epoch / self.cfg.halve_every_epochs)
+
+    def step(self, batch: Batch) -> float:
+        """One optimizer step on a batch (augmented, noised); returns the loss."""
+        lr = self.lr()
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        x = augment(as_float(batch.images()), self.gen)
+        sig = sample_sigmas(len(x), self.gen, self.cfg.sigma_dist)
+        z = torch.randn(x.shape, generator=self.gen)
+        x, z = self.mode.prepare(x.to(self.device), z.to(self.device))
+        t0 = time.monotonic()
+        with self.mode.autocast(self.device):
+            loss = loss_fn(self.fwd, x, sig.to(self.device), z)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.state["seconds"] += time.monotonic() - t0
+        self.state["step"] += 1
+        self.state["images"] += len(x)
+        return loss.item()
+
+    def snapshot_if_due(self) -> None:
+        """A learning-curve snapshot at the log-spaced steps (curve_steps)."""
+        if self.state["step"] in self.cfg.curve_steps:
+            ckpt.save(self.model, self.out / "curve" / f"step-{self.state['step']:07d}.safetensors",
+                      dict(steps=self.state["step"], images_seen=self.state["images"]),
+                      preset_name=self.preset_name)
+
+    def eval_psnr(self, images) -> None:
+        p = denoise_eval(self.model.eval(), images[:128], sigmas=(0.1,))
+        self.model.train()
+        self.history.append(dict(step=self.state["step"], psnr_0_1=p["0.1"]["denoised"]))
+        log.info("step %d: PSNR at sigma 0.1 = %.2f dB", self.state["step"],
+                 p["0.1"]["denoised"])
+
+    def save(self, test_images=None) -> None:
+        """The checkpoint (with the full PSNR table when test images are given) and the state."""
+        s = self.state
+        info = dict(self.record, steps=s["step"], images_seen=s["images"],
+                    epochs=round(s["images"] / self.n_data, 3), train_seconds=round(s["seconds"], 1),
+                    psnr_history=self.history)
+        if test_images is not None:
+            info["psnr"] = denoise_eval(self.model.eval(), test_images)
+            self.model.train()
+        ckpt.save(self.model, self.ckpt_path, info, preset_name=self.preset_name)
+        save_state(self.state_path, self.opt, dict(step=s["step"], images=s["images"],
+                                                   seconds=s["seconds"], runs=s["runs"]),
+                   self.gen)
+
+    def batches(self) -> Iterator[Batch]:
+        """Shuffled, augmented-later batches forever; the order is re-seeded from the step."""
+        data = loader(self.urls, self.cfg.batch_size, workers=self.cfg.workers,
+                      shuffle_buffer=2000, repeat=True, seed=self.cfg.seed + self.state["step"])
+        return (b for b in data if isinstance(b, Batch) and b.samples)
+
+
+class _Every:
+    """True once every `seconds` (monotonic clock)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds, self.last = seconds, time.monotonic()
+
+    def __call__(self) -> bool:
+        now = time.monotonic()
+        if now - self.last >= self.seconds:
+            self.last = now
+            return True
+        return False
+
+
+def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
+          on_step: Callable[[int, float], None] | None = None) -> Path:
+    """Train (or resume) until cfg.max_steps or cfg.minutes. Returns the checkpoint path.
+    `progress` gets running averages every 2 s; `on_step(step, loss)` every step; a line goes
+    to train_log.jsonl every 30 s. Ctrl-C finishes the step, saves and returns."""
+    t = Trainer(cfg)
+    test_images = load_images(expand(cfg.test_data), cfg.eval_images) if cfg.test_data else None
+    stop = {"flag": False}
+    old_handler = signal.signal(signal.SIGINT, lambda *_: stop.update(flag=True))
+    t_run = time.monotonic()
+    save_due, eval_due = _Every(cfg.save_every_minutes * 60), _Every(cfg.eval_every_minutes * 60)
+    progress_due, log_due = _Every(2.0), _Every(30.0)
+    window = {"images": 0, "loss": 0.0, "n": 0, "t": time.monotonic()}
+    start_step = t.state["step"]
+    t.state["runs"] += 1
+    try:
+        for batch in t.batches():
+            if (cfg.max_steps is not None and t.state["step"] >= cfg.max_steps) or stop["flag"] \
+                    or (cfg.minutes is not None and time.monotonic() - t_run > cfg.minutes * 60):
+                break
+            t.snapshot_if_due()
+            loss = t.step(batch)
+            window.update(images=window["images"] + len(batch), loss=window["loss"] + loss,
+                          n=window["n"] + 1)
+            if on_step:
+                on_step(t.state["step"], loss)
+            if progress and (t.state["step"] == start_step + 1 or progress_due()):
+                progress(_window_line(t, window))
+            if log_due():
+                _log_line(t, window)
+            if test_images is not None and eval_due():
+                t.eval_psnr(test_images)
+            if save_due():
+                t.save()
+    finally:
+        signal.signal(signal.SIGINT, old_handler)
+    t.snapshot_if_due()
+    t.save(test_images)
+    return t.ckpt_path
+
+
+def _window_line(t: Trainer, w: dict) -> dict:
+    return dict(step=t.state["step"], loss=w["loss"] / max(w["n"], 1), lr=t.lr(),
+                img_per_s=w["images"] / max(time.monotonic() - w["t"], 1e-9),
+                epoch=t.state["images"] / t.n_data)
+
+
+def _log_line(t: Trainer, w: dict) -> None:
+    """One line of train_log.jsonl; the window (loss, img/s) starts again."""
+    line = _window_line(t, w)
+    with open(t.out / "train_log.jsonl", "a") as f:
+        f.write(json.dumps(dict(step=line["step"], images=t.state["images"],
+                                loss=round(line["loss"], 3), lr=line["lr"],
+                                img_per_s=round(line["img_per_s"], 2),
+                                time=time.time())) + "\n")
+    w.update(images=0, loss=0.0, n=0, t=time.monotonic())

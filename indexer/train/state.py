@@ -1,0 +1,61 @@
+"""A training run's state beside its checkpoint, as tensors in safetensors (never pickled):
+Adam's moments and step counts, the noise generator, and the run's counters."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+
+def save_state(path: Path, opt: torch.optim.Optimizer, meta: dict,
+               generator: torch.Generator | None = None) -> None:
+    tensors = {}
+    for i, p in enumerate(opt.param_groups[0]["params"]):
+        st = opt.state.get(p, {})
+        for k in ("exp_avg", "exp_avg_sq"):
+            if k in st:
+                tensors[f"{i}.{k}"] = st[k].detach().float().contiguous().cpu()
+        if "step" in st:
+            tensors[f"{i}.step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1)
+    if generator is not None:
+        tensors["generator"] = generator.get_state()
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"meta": json.dumps(meta)})
+    os.replace(tmp, path)
+
+
+def load_state(path: Path, opt: torch.optim.Optimizer,
+               generator: torch.Generator | None = None) -> dict:
+    """Restore Adam's state (and the generator's, when saved) into `opt`; returns the counters."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get("meta", "{}"))
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    for i, p in enumerate(opt.param_groups[0]["params"]):
+        if f"{i}.exp_avg" in tensors:
+            opt.state[p] = {"step": tensors[f"{i}.step"].reshape(()).clone(),
+                            "exp_avg": tensors[f"{i}.exp_avg"].to(p.device),
+                            "exp_avg_sq": tensors[f"{i}.exp_avg_sq"].to(p.device)}
+    if generator is not None and "generator" in tensors:
+        generator.set_state(tensors["generator"])
+        meta["generator_restored"] = True
+    return meta
+
+
+def dataset_size(urls: list[str]) -> int:
+    """Samples in the shards, from the folder's manifest.json when it lists them."""
+    total = 0
+    for url in urls:
+        manifest = Path(url).parent / "manifest.json"
+        n = None
+        if manifest.is_file():
+            for split in json.loads(manifest.read_text()).get("splits", {}).values():
+                for sh in split.get("shards", []):
+                    if sh.get("file") == Path(url).name:
+                        n = sh.get("samples")
+        total += n if n else 1000
+    return total

@@ -28,13 +28,6 @@ IDX = [sys.executable, "-m", "phisearch.ui"]
 BACKENDS = ["edge", pytest.param("server", marks=pytest.mark.server)]
 
 
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    ckpt.save(ckpt.untrained("tiny", seed=1).model, path, {"note": "test"}, preset_name="tiny")
-    return str(path)
-
-
 @pytest.fixture(params=BACKENDS)
 def store_cfg(request, tmp_path):
     if request.param == "server":
@@ -100,6 +93,8 @@ def test_build_mini_then_query_and_rebuild(store_cfg, mini_shard, tiny_ckpt):
                                        mid[0][mid[0] > 0], rtol=1e-5)
             p = stored.payload
             assert p["active_channels"] == len(idx)
+            # phi_norm is the paper's φ's norm (what phi_sparse holds), not the readout's
+            assert p["phi_norm"] == pytest.approx(float(np.linalg.norm(vals)), rel=1e-5)
             assert p["dataset"] == "imagenette-64" and p["split"] == "mini"
             assert p["label_name"] and isinstance(p["label"], int) and p["thumb"]
             assert stored.id == point_id("imagenette-64", raw["__key__"])
@@ -223,3 +218,38 @@ def test_cli_build_status_query_json(store_cfg, mini_shard, tiny_ckpt, tmp_path)
     r = subprocess.run(IDX + ["status", "--store", str(tmp_path / "empty")], env=env,
                        capture_output=True, text=True)
     assert r.returncode == 1 and "no collection" in r.stderr
+
+
+@pytest.mark.parametrize("store_cfg", ["edge"], indirect=True)
+def test_a_changed_shard_deletes_the_points_it_no_longer_holds(store_cfg, mini_shard, tiny_ckpt,
+                                                               tmp_path):
+    raws = [r for r in read_shard(mini_shard) if isinstance(r, dict)][:10]
+    shard = tmp_path / "s.tar"
+
+    def write(rows: list[dict]) -> None:
+        with wds.TarWriter(str(shard)) as w:
+            for r in rows:
+                w.write({k: v for k, v in r.items() if k == "__key__" or not k.startswith("__")})
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"name": "imagenette-64"}))
+    write(raws)
+    assert run_build(store_cfg, [str(shard)], tiny_ckpt)["points"] == 10
+    time.sleep(0.01)
+    write(raws[:7])                          # the shard changes: three samples are gone
+    out = run_build(store_cfg, [str(shard)], tiny_ckpt)
+    assert out["shards_changed"] == 1 and out["points"] == 7
+    with open_store(store_cfg) as st:
+        assert sorted(h.payload["key"] for h in st.scroll()) == sorted(r["__key__"]
+                                                                       for r in raws[:7])
+        rec = st.get_doc("shards")[os.path.realpath(shard)]
+    assert rec["deleted"] == 3 and rec["indexed"] == 7
+
+
+@pytest.mark.parametrize("store_cfg", ["edge"], indirect=True)
+def test_build_at_another_sigma_refuses_the_default_whitening(store_cfg, mini_shard):
+    r = subprocess.run(IDX + ["build", "--data", mini_shard, "--store", store_cfg.path,
+                              "--sigma", "0"], env=dict(os.environ, PHISEARCH_NO_PROGRESS="1"),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1
+    assert "fitted on φ at σ 0.2" in r.stderr and "idx fit-readout" in r.stderr
+    assert not os.path.exists(os.path.join(store_cfg.path, "phisearch", "shard"))

@@ -100,3 +100,60 @@ def test_shipped_default_loads_with_no_arguments_and_records_its_numbers():
     assert emb.phi.readout == c.info["readout"] and emb.meta()["readout"] == c.info["readout"]
     dense, mid = emb(np.zeros((2, 64, 64, 3), np.uint8))
     assert dense.shape == (2, emb.meta()["dim"]) and mid.shape == (2, 256)
+
+
+def test_shipped_model_quality_recomputed_on_the_mini_shard(mini_shard):
+    """Not read back from its JSON: on the 100 mini images the shipped denoiser beats the noisy
+    input by > 6 dB at σ 0.1 and the best Gaussian blur at every σ, and its default readout
+    retrieves the query's class more often than 16x16 pixels (leave-one-out kNN@5)."""
+    from phisearch.indexer.model.embedder import Embedder
+    from phisearch.indexer.sources.loader import first_samples
+    from phisearch.indexer.train.denoise_eval import denoise_eval
+    from phisearch.search.evaluate import pixel_vectors
+
+    samples = first_samples([mini_shard], 100)
+    imgs = np.stack([s.image for s in samples])
+    labels = np.array([s.label for s in samples])
+    c = ckpt.load()
+    table = denoise_eval(c.model, imgs, batch_size=50)
+    assert table["0.1"]["denoised"] > table["0.1"]["noisy"] + 6
+    assert all(r["denoised"] > r["baseline"] for r in table.values())
+
+    def knn5(x: np.ndarray) -> float:
+        d = ((x[:, None] - x[None]) ** 2).sum(-1)
+        np.fill_diagonal(d, np.inf)
+        nn = np.argsort(d, 1)[:, :5]
+        return float(np.mean([np.bincount(labels[r]).argmax() == lab
+                              for r, lab in zip(nn, labels)]))
+
+    dense, _ = Embedder.create(device="cpu")(imgs)
+    assert knn5(dense) > knn5(pixel_vectors(imgs, 16))
+
+
+def test_untrained_leaves_the_global_rng_alone():
+    torch.manual_seed(123)
+    want = torch.rand(3)
+    torch.manual_seed(123)
+    a = ckpt.untrained("tiny", seed=5)
+    assert torch.equal(torch.rand(3), want)
+    assert a.sha256 == ckpt.untrained("tiny", seed=5).sha256 != ckpt.untrained("tiny", 6).sha256
+
+
+def test_a_whitening_is_tied_to_the_phi_settings_it_was_fitted_on(tmp_path, mini_shard):
+    """blocks+white8 fitted at σ 0.2 / 4 draws: an embedder at σ 0 refuses it in one line that
+    says how to fit one; a whitening fitted at σ 0 (into a new file) is accepted there."""
+    from phisearch.indexer.model.config import PhiConfig
+    from phisearch.indexer.model.embedder import Embedder
+    from phisearch.indexer.train.fit_readout import fit_into_checkpoint
+
+    base = tmp_path / "t.safetensors"
+    ckpt.save(ckpt.untrained("tiny", seed=1).model, base, {}, preset_name="tiny")
+    fit_into_checkpoint(str(base), [mini_shard], "blocks", 8, 0.2, 4, 0, limit=40)
+    Embedder.create(str(base), PhiConfig(sigma=0.2, draws=4, readout="blocks+white8"), "cpu")
+    with pytest.raises(ValueError, match=r"fitted on φ at σ 0.2 with 4 draw.*--sigma 0 --draws 1"):
+        Embedder.create(str(base), PhiConfig(sigma=0, draws=4, readout="blocks+white8"), "cpu")
+    with pytest.raises(ValueError, match="fitted on"):
+        Embedder.create(str(base), PhiConfig(sigma=0.2, draws=1, readout="blocks+white8"), "cpu")
+    at0 = tmp_path / "t0.safetensors"
+    fit_into_checkpoint(str(base), [mini_shard], "blocks", 8, 0.0, 1, 0, limit=40, out=str(at0))
+    Embedder.create(str(at0), PhiConfig(sigma=0, draws=4, readout="blocks+white8"), "cpu")

@@ -81,7 +81,6 @@ def test_denoise_eval_json(mini_shard, tiny_checkpoint):
 
 
 def test_embed_writes_npz(mini_shard, tiny_checkpoint, tmp_path):
-    pytest.importorskip("phisearch.indexer.build.embed_npz", reason="idx embed not written yet")
     out = tmp_path / "x.npz"
     r = idx("embed", "--data", mini_shard, "--out", str(out), "--checkpoint",
             str(tiny_checkpoint), "--workers", "0", "--device", "cpu")

@@ -19,18 +19,16 @@ from phisearch.indexer.manage.cluster import (
     fit_assign,
     resolve_preprocess,
 )
-from phisearch.indexer.model import checkpoint as ckpt
 from phisearch.indexer.model.config import PhiConfig
 from phisearch.indexer.store import StoreConfig, StoreError, open_store
 from typer.testing import CliRunner
 
 
 @pytest.fixture(scope="module")
-def built_store(tmp_path_factory, mini_shard) -> Path:
+def built_store(tmp_path_factory, mini_shard, tiny_ckpt) -> Path:
     """One build of the 100 mini images; each test clusters its own copy."""
     root = tmp_path_factory.mktemp("cluster")
-    path = root / "tiny.safetensors"
-    ckpt.save(ckpt.untrained("tiny", seed=1).model, path, preset_name="tiny")
+    path = tiny_ckpt
     cfg = StoreConfig(path=str(root / "store"), collection="phisearch")
     build(BuildConfig(data=(mini_shard,), store=cfg, checkpoint=str(path),
                       phi=PhiConfig(sigma=0.2, draws=1, seed=0), batch_size=50, workers=0,

@@ -16,7 +16,6 @@ import pytest
 import webdataset as wds
 from phisearch.indexer.build.distributed import build_distributed
 from phisearch.indexer.build.pipeline import BuildConfig, build
-from phisearch.indexer.model import checkpoint as ckpt
 from phisearch.indexer.model.config import PhiConfig
 from phisearch.indexer.sources.shards import read_shard
 from phisearch.indexer.store import SHARDS_DOC, StoreConfig, StoreError, open_store
@@ -26,7 +25,7 @@ SIZES = (50, 30, 20)   # uneven, so rank 1 (30 images) runs out of batches befor
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, mini_shard) -> dict:
+def setup(tmp_path_factory, mini_shard, tiny_ckpt) -> dict:
     """Three real shards cut from the mini shard, and a tiny untrained checkpoint."""
     root = tmp_path_factory.mktemp("dist")
     raws = [r for r in read_shard(mini_shard) if isinstance(r, dict)]
@@ -37,8 +36,7 @@ def setup(tmp_path_factory, mini_shard) -> dict:
             for r in raws[start:start + n]:
                 w.write({k: v for k, v in r.items() if k == "__key__" or not k.startswith("__")})
         start += n
-    path = root / "tiny.safetensors"
-    ckpt.save(ckpt.untrained("tiny", seed=1).model, path, preset_name="tiny")
+    path = tiny_ckpt
     return {"root": root, "ckpt": str(path),
             "data": str(root / "shards" / "part-{000000..000002}.tar")}
 

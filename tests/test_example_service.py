@@ -32,18 +32,16 @@ def test_example_imports_only_qdrant_client_and_the_stdlib():
 
 
 @pytest.fixture(scope="module")
-def server_collection(tmp_path_factory, mini_shard):
+def server_collection(tmp_path_factory, mini_shard, tiny_ckpt):
     """The mini shard built into a fresh server collection by the phisearch pipeline, clustered."""
     if not URL:
         pytest.skip("QDRANT_URL not set: no Qdrant server on this machine")
     from phisearch.indexer.build.pipeline import BuildConfig, build
     from phisearch.indexer.manage.cluster import ClusterConfig, cluster
-    from phisearch.indexer.model import checkpoint as ckpt
     from phisearch.indexer.model.config import PhiConfig
     from phisearch.indexer.store import StoreConfig, open_store
 
-    path = tmp_path_factory.mktemp("example") / "tiny.safetensors"
-    ckpt.save(ckpt.untrained("tiny", seed=1).model, path, preset_name="tiny")
+    path = tiny_ckpt
     cfg = StoreConfig(url=URL, api_key=os.environ.get("QDRANT_API_KEY"),
                       collection=f"example_{uuid.uuid4().hex[:8]}")
     build(BuildConfig(data=(mini_shard,), store=cfg, checkpoint=str(path),

@@ -23,11 +23,10 @@ NO_SERVER = "QDRANT_URL not set: no Qdrant server on this machine"
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory, mini_shard) -> StoreConfig:
+def source(tmp_path_factory, mini_shard, tiny_ckpt) -> StoreConfig:
     """A real Edge collection: the mini shard (100 points) built and k-means clustered."""
     root = tmp_path_factory.mktemp("src")
-    path = root / "tiny.safetensors"
-    ckpt.save(ckpt.untrained("tiny", seed=1).model, path, preset_name="tiny")
+    path = tiny_ckpt
     cfg = StoreConfig(path=str(root / "store"), collection="phisearch")
     build(BuildConfig(data=(mini_shard,), store=cfg, checkpoint=str(path),
                       phi=PhiConfig(sigma=0.2, draws=2, seed=0), batch_size=50, workers=0,

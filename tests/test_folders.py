@@ -21,7 +21,6 @@ from fixtures import read_samples
 from phisearch.indexer.build.pipeline import BuildConfig, build
 from phisearch.indexer.build.summary import status
 from phisearch.indexer.build.watch import dry_run
-from phisearch.indexer.model import checkpoint as ckpt
 from phisearch.indexer.model.config import PhiConfig
 from phisearch.indexer.model.embedder import Embedder
 from phisearch.indexer.sources import images
@@ -31,13 +30,6 @@ from PIL import Image
 
 IDX = [sys.executable, "-m", "phisearch.ui"]
 ENV = dict(os.environ, PHISEARCH_NO_PROGRESS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    ckpt.save(ckpt.untrained("tiny", seed=1).model, path, {"note": "test"}, preset_name="tiny")
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -369,3 +361,27 @@ def test_watch_indexes_new_files_and_deletes_gone_ones(tmp_path, pixels, tiny_ck
     # the record is complete: a plain sync afterwards has nothing to do
     again = build(cfg_for(store, [root], tiny_ckpt))
     assert (again["indexed"], again["unchanged"], again["deleted"]) == (0, 2, 0)
+
+
+def test_unchanged_files_are_not_opened(tmp_path, pixels, tiny_ckpt, monkeypatch):
+    """Size and mtime decide (README): a resync reads no unchanged file, only the touched one;
+    with --hash every file is read (that is what hashing costs)."""
+    from phisearch.indexer.sources import folders
+
+    root = tmp_path / "album"
+    names = [f"img{i:02d}.png" for i in range(6)]
+    write_pngs(root, pixels, names, 0)
+    store = tmp_path / "store"
+    assert build(cfg_for(store, [root], tiny_ckpt))["new"] == 6
+    reads: list[str] = []
+    real = folders.read_file
+    monkeypatch.setattr(folders, "read_file", lambda p: reads.append(p) or real(p))
+    again = build(cfg_for(store, [root], tiny_ckpt))   # workers=0: the scan runs in-process
+    assert again["unchanged"] == 6 and reads == []
+    st = os.stat(root / names[0])
+    os.utime(root / names[0], ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))
+    touched = build(cfg_for(store, [root], tiny_ckpt))
+    assert touched["changed"] == 1 and [os.path.basename(p) for p in reads] == [names[0]]
+    reads.clear()
+    hashed = build(cfg_for(store, [root], tiny_ckpt, hash_files=True))
+    assert len(reads) == 6 and hashed["indexed"] == 6   # first hashed sync: no hashes stored yet

@@ -16,7 +16,6 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
 import webdataset as wds
 from phisearch.indexer.model import checkpoint as ckpt
 from phisearch.indexer.sources.shards import read_shard
@@ -24,13 +23,6 @@ from phisearch.indexer.store import LAST_RUN_DOC, SHARDS_DOC, StoreConfig, open_
 
 IDX = [sys.executable, "-m", "phisearch.ui"]
 ENV = dict(os.environ, PHISEARCH_NO_PROGRESS="1")
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    ckpt.save(ckpt.untrained("tiny", seed=1).model, path, {"note": "test"}, preset_name="tiny")
-    return str(path)
 
 
 def idx(*args: str, cwd: str | None = None) -> subprocess.CompletedProcess:

@@ -17,19 +17,11 @@ from phisearch.indexer.build.pipeline import BuildConfig, build
 from phisearch.indexer.manage.aliases import list_aliases, overview, set_alias
 from phisearch.indexer.manage.remove import remove, selection
 from phisearch.indexer.manage.snapshots import create, list_snapshots, restore
-from phisearch.indexer.model import checkpoint as ckpt
 from phisearch.indexer.model.config import PhiConfig
 from phisearch.indexer.store import SHARDS_DOC, StoreBusy, StoreConfig, StoreError, open_store
 
 IDX = [sys.executable, "-m", "phisearch.ui"]
 ENV = dict(os.environ, PHISEARCH_NO_PROGRESS="1", OMP_NUM_THREADS="1")
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    ckpt.save(ckpt.untrained("tiny", seed=1).model, path, {"note": "test"}, preset_name="tiny")
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -298,3 +290,16 @@ def test_killed_snapshot_create_leaves_no_temporary(store_root):
     with open_store(StoreConfig(path=str(store_root), collection="a")) as st:
         assert st.count() == 100
     assert not [p for p in snaps.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_readers_see_an_alias_as_its_collection(store_root, capsys):
+    """`idx serve` / `idx ui` warn when their collection is missing; an alias of a real
+    collection is not missing (they used to look for <store>/<alias>/meta.json)."""
+    from phisearch.indexer.cli.common import warn_if_missing
+
+    set_alias(StoreConfig(path=str(store_root), collection="a"), "live", "a")
+    warn_if_missing(StoreConfig(path=str(store_root), collection="live"), "x")
+    warn_if_missing(StoreConfig(path=str(store_root), collection="a"), "x")
+    assert capsys.readouterr().err == ""
+    warn_if_missing(StoreConfig(path=str(store_root), collection="nope"), "x")
+    assert "no collection nope" in capsys.readouterr().err

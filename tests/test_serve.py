@@ -21,7 +21,6 @@ import pytest
 import uvicorn
 from phisearch.indexer.build.pipeline import BuildConfig, build
 from phisearch.indexer.manage.cluster import ClusterConfig, cluster
-from phisearch.indexer.model import checkpoint as ckpt
 from phisearch.indexer.model.config import PhiConfig
 from phisearch.indexer.sources import images
 from phisearch.indexer.sources.shards import read_shard
@@ -59,11 +58,10 @@ def serving(app) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory, mini_shard) -> tuple[StoreConfig, list[dict]]:
+def built(tmp_path_factory, mini_shard, tiny_ckpt) -> tuple[StoreConfig, list[dict]]:
     """The 100 mini images in an Edge store (tiny untrained model, 2 draws), k-means clustered."""
     root = tmp_path_factory.mktemp("serve")
-    path = root / "tiny.safetensors"
-    ckpt.save(ckpt.untrained("tiny", seed=1).model, path, preset_name="tiny")
+    path = tiny_ckpt
     cfg = StoreConfig(path=str(root / "store"), collection="phisearch")
     build(BuildConfig(data=(mini_shard,), store=cfg, checkpoint=str(path),
                       phi=PhiConfig(sigma=0.2, draws=2, seed=0), batch_size=50, workers=0,

@@ -352,3 +352,8 @@ def test_unreachable_server_is_a_clear_error():
 def test_no_store_given():
     with pytest.raises(StoreError, match="no store given"):
         open_store(StoreConfig())
+
+
+def test_point_id_is_pinned_to_the_contract_formula():
+    """uuid5(uuid5(NAMESPACE_URL, "phisearch"), f"{dataset}/{key}"): other services compute it."""
+    assert point_id("imagenette-64", "n01440764_10026") == "3f712e21-e14d-53fe-b3c8-fcad9a2efb79"

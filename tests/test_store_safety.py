@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import pytest
-from phisearch.indexer.model import checkpoint as ckpt
 from phisearch.indexer.sources.shards import read_shard
 from phisearch.indexer.store import StoreConfig, open_store, point_id
 from test_build import split_shard
@@ -123,13 +122,6 @@ while time.time() < until:
         busy += 1
 print(opened, busy)
 """
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    ckpt.save(ckpt.untrained("tiny", seed=1).model, path, {"note": "test"}, preset_name="tiny")
-    return str(path)
 
 
 def split_in_four(src: str, folder: Path) -> tuple[str, set[str]]:

@@ -17,8 +17,7 @@ from phisearch.indexer.sources import images
 from phisearch.indexer.sources.shards import read_shard
 from phisearch.indexer.store import StoreConfig, open_store
 from PIL import Image
-
-AppTest = pytest.importorskip("streamlit.testing.v1").AppTest
+from streamlit.testing.v1 import AppTest
 
 APP = str(Path(__file__).resolve().parent.parent / "ui" / "app.py")
 TIMEOUT = 180   # a first run imports torch and loads the model; CI shares 2 cores
@@ -173,7 +172,8 @@ def test_channels_page_top_images_and_participation(app):
 
 
 def test_clusters_page_before_and_after_idx_cluster(monkeypatch, store_cfg, tmp_path):
-    cluster_mod = pytest.importorskip("phisearch.indexer.manage.cluster")
+    from phisearch.indexer.manage import cluster as cluster_mod
+
     copy = StoreConfig(path=str(tmp_path / "store"), collection=store_cfg.collection)
     shutil.copytree(store_cfg.path, copy.path)   # clustering writes labels: use a copy
     use_store(monkeypatch, copy)

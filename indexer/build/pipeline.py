@@ -72,11 +72,12 @@ def thumbnail(image: np.ndarray, quality: int = 90) -> str:
 def make_points(samples: list[Sample], dense: np.ndarray, mid: np.ndarray, meta: dict
                 ) -> list[PointData]:
     points = []
-    for s, vec, (idx, vals) in zip(samples, dense, sparse_of(mid)):
+    for s, vec, m, (idx, vals) in zip(samples, dense, mid, sparse_of(mid)):
         payload = {
             "dataset": s.dataset, "split": s.split, "shard": os.path.basename(s.shard),
             "shard_url": s.shard, "key": s.key, "label": s.label, "label_name": s.label_name,
-            "phi_norm": float(np.linalg.norm(vec)), "active_channels": len(idx),
+            # the paper's φ (what phi_sparse holds), not the readout (about 1 for every +l2)
+            "phi_norm": float(np.linalg.norm(m)), "active_channels": len(idx),
             "model_sha256": meta["model_sha256"], "readout": meta["readout"],
             "sigma": meta["sigma"], "draws": meta["draws"], "seed": meta["seed"],
             "schema_version": meta["schema_version"], "thumb": thumbnail(s.image),

@@ -33,7 +33,13 @@ def train(
     workers: Annotated[int, typer.Option("--workers", min=0)] = 1,
     device: DeviceOpt = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="auto | fp32 | bf16")] = "auto",
-    compile: Annotated[bool, typer.Option("--compile/--no-compile")] = False,
+    compile: Annotated[bool, typer.Option("--compile/--no-compile",
+                                          help="torch.compile the network (CUDA).")] = False,
+    resident: Annotated[bool, typer.Option(
+        "--resident/--no-resident", help="Decode the training set once and keep it on the "
+        "device (GPU: no decode or copy per step).")] = False,
+    eval_every: Annotated[float, typer.Option(
+        "--eval-every-minutes", min=0.1, help="Periodic PSNR interval.")] = 10.0,
     resume: Annotated[str | None, typer.Option(
         "--resume", help="Continue from this checkpoint (e.g. the shipped one); optimizer "
         "state restarts (warm restart) unless OUT already holds a run.")] = None,
@@ -58,7 +64,8 @@ def train(
                       halve_every_epochs=halve_every, max_steps=steps, minutes=minutes,
                       workers=workers, seed=seed, test_data=tuple(test_data or ()),
                       save_every_minutes=save_every, device=device, dtype=dtype, compile=compile,
-                      init_from=resume, sigma_dist=sigma_dist)
+                      init_from=resume, sigma_dist=sigma_dist, resident=resident,
+                      eval_every_minutes=eval_every)
     bar = progress(total=steps, desc="train", unit="step")
 
     def on_progress(p: dict) -> None:

@@ -122,8 +122,9 @@ def load(name_or_path: str | os.PathLike | None = None, device: str | torch.devi
 def untrained(preset_name: str | UNetConfig, seed: int = 0, device: str = "cpu") -> Checkpoint:
     """A randomly initialized network: the 'same network, untrained' baseline."""
     cfg = preset(preset_name) if isinstance(preset_name, str) else preset_name
-    torch.manual_seed(seed)
-    model = UNet(cfg).to(device).eval()
+    with torch.random.fork_rng(devices=[]):   # the caller's global RNG is left as it was
+        torch.manual_seed(seed)
+        model = UNet(cfg).to(device).eval()
     sha = weights_sha256(model.state_dict())
     return Checkpoint(model=model, path=None, sha256=sha,
                       info={"preset": preset_name if isinstance(preset_name, str) else "custom",

@@ -10,7 +10,7 @@ import torch
 from phisearch.indexer.model import checkpoint as ckpt
 from phisearch.indexer.model.config import PhiConfig
 from phisearch.indexer.model.phi import MID, features
-from phisearch.indexer.model.readout import Readout
+from phisearch.indexer.model.readout import Readout, check_fitted_for
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -45,6 +45,7 @@ class Embedder:
         dev = pick_device(device)
         c = ckpt.load(checkpoint, dev)
         phi = phi or PhiConfig(readout=c.info.get("readout", "mid"))
+        check_fitted_for(phi.readout, c.info, phi.sigma, phi.draws, c.name)
         readout = Readout.from_checkpoint(phi.readout, c.extras)
         return cls(c, phi, readout, dev)
 

@@ -126,6 +126,36 @@ class Readout:
         return cls(spec.name, w, spec.l2, spec.sqrt)
 
 
+def fitted_settings(label: str, info: dict) -> tuple[float, int] | None:
+    """(σ, draws) of the φ a whitened readout was fitted on, from the checkpoint's JSON: its own
+    record (the +l2 variant shares the whitening), else the checkpoint's φ defaults."""
+    fits = info.get("readouts") or {}
+    base = label.removesuffix("+l2")
+    rec = fits.get(label) or fits.get(base) or fits.get(base + "+l2") or info.get("phi_defaults")
+    if not rec or "sigma" not in rec:
+        return None
+    sigma = float(rec["sigma"])
+    return sigma, 1 if sigma == 0 else int(rec.get("draws", 1))
+
+
+def check_fitted_for(label: str, info: dict, sigma: float, draws: int, where: str = "") -> None:
+    """A whitening belongs to the φ settings it was fitted on: refuse others with one line
+    (a whitening fitted at σ 0.2 scores 0.43 kNN@10 at σ 0 where its own scores 0.52)."""
+    if parse_label(label).white is None:
+        return
+    fit = fitted_settings(label, info)
+    draws = 1 if sigma == 0 else draws
+    if fit is None or (abs(fit[0] - sigma) < 1e-9 and fit[1] == draws):
+        return
+    spec = parse_label(label)
+    raise ValueError(
+        f'readout "{label}" was fitted on φ at σ {fit[0]:g} with {fit[1]} draw(s), not σ '
+        f"{sigma:g} with {draws}: fit one for these settings (idx fit-readout --checkpoint "
+        f"{where or 'C'} --out NEW.safetensors --readout {spec.name} --dims {spec.white}"
+        f"{' --l2' if spec.l2 else ''}{' --sqrt' if spec.sqrt else ''} --sigma {sigma:g} "
+        f"--draws {draws}) or pass --readout mid")
+
+
 def l2_normalize(x: np.ndarray) -> np.ndarray:
     return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 

@@ -57,6 +57,7 @@ class TrainConfig:
     dtype: str = "auto"                   # auto (probe on CPU, bf16 on CUDA) | fp32 | bf16
     channels_last: bool | None = None     # None: probed with dtype on CPU, on for CUDA
     compile: bool = False                 # torch.compile on CUDA
+    resident: bool = False                # decode the training set once onto the device
     init_from: str | None = None          # warm start from this checkpoint (no optimizer state)
     sigma_dist: str = "paper"             # paper (√σ uniform on [0, 1]) | uniform (σ uniform)
     curve_steps: tuple[int, ...] = field(default_factory=lambda: tuple(
@@ -76,18 +77,20 @@ def sample_sigmas(n: int, generator: torch.Generator, dist: str = "paper") -> to
 
 
 def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random horizontal flips and random 64x64 crops of a 4-px reflect-padded image."""
+    """Random horizontal flips and random 64x64 crops of a 4-px reflect-padded image, done
+    where x is (CPU or GPU); the few random numbers come from `generator` (CPU)."""
     n, _, h, w = x.shape
-    flip = torch.rand(n, generator=generator) < 0.5
+    dev = x.device
+    flip = (torch.rand(n, generator=generator) < 0.5).to(dev)
     x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
     pad = 4
     xp = F.pad(x, (pad, pad, pad, pad), mode="reflect")
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-    rows = (dy.view(-1, 1) + torch.arange(h)).view(n, 1, h, 1).expand(n, x.shape[1], h, w + 2 * pad)
-    xp = xp.gather(2, rows)
-    cols = (dx.view(-1, 1) + torch.arange(w)).view(n, 1, 1, w).expand(n, x.shape[1], h, w)
-    return xp.gather(3, cols)
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(dev)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(dev)
+    rows = (dy.view(-1, 1) + torch.arange(h, device=dev)).view(n, 1, h, 1)
+    xp = xp.gather(2, rows.expand(n, x.shape[1], h, w + 2 * pad))
+    cols = (dx.view(-1, 1) + torch.arange(w, device=dev)).view(n, 1, 1, w)
+    return xp.gather(3, cols.expand(n, x.shape[1], h, w))
 
 
 def loss_fn(model: UNet, x: torch.Tensor, sigma: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -130,6 +133,10 @@ class Trainer:
             self.state.update(meta)
         if not restored:   # a new run, a warm start, or a state saved before generators were
             self.gen.manual_seed(cfg.seed * 7919 + self.state["step"])
+        # CUDA draws its noise on the device: a resume there continues weights and Adam
+        # exactly and the noise stream statistically (re-seeded from the step).
+        self.dgen = torch.Generator(device=self.device).manual_seed(
+            cfg.seed * 7919 + self.state["step"] + 1)
         self.mode, self.speed = self._pick_mode()
         if self.mode.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -175,15 +182,19 @@ class Trainer:
         epoch = self.state["images"] / self.n_data
         return self.cfg.lr * 0.5 ** math.floor(epoch / self.cfg.halve_every_epochs)
 
-    def step(self, batch: Batch) -> float:
-        """One optimizer step on a batch (augmented, noised); returns the loss."""
+    def step(self, x: torch.Tensor) -> float:
+        """One optimizer step on clean images (N, 3, 64, 64) in [0, 1], on the CPU or already
+        on the device (augmented and noised here); returns the loss."""
         lr = self.lr()
         for group in self.opt.param_groups:
             group["lr"] = lr
-        x = augment(as_float(batch.images()), self.gen)
+        x = augment(x.to(self.device), self.gen)
         sig = sample_sigmas(len(x), self.gen, self.cfg.sigma_dist)
-        z = torch.randn(x.shape, generator=self.gen)
-        x, z = self.mode.prepare(x.to(self.device), z.to(self.device))
+        if self.device.type == "cuda":   # draw the noise where it is used
+            z = torch.randn(x.shape, generator=self.dgen, device=self.device)
+        else:
+            z = torch.randn(x.shape, generator=self.gen)
+        x, z = self.mode.prepare(x, z.to(self.device))
         t0 = time.monotonic()
         with self.mode.autocast(self.device):
             loss = loss_fn(self.fwd, x, sig.to(self.device), z)
@@ -223,11 +234,18 @@ class Trainer:
                                                    seconds=s["seconds"], runs=s["runs"]),
                    self.gen)
 
-    def batches(self) -> Iterator[Batch]:
-        """Shuffled, augmented-later batches forever; the order is re-seeded from the step."""
+    def batches(self) -> Iterator[torch.Tensor]:
+        """Clean images forever, (B, 3, 64, 64) in [0, 1]; the order is re-seeded from the step.
+        resident: the whole set decoded once onto the device (resident.py); else loader workers
+        decode shuffled shards."""
+        seed = self.cfg.seed + self.state["step"]
+        if self.cfg.resident:
+            from phisearch.indexer.train.resident import ResidentData
+
+            return ResidentData(self.urls, self.device, seed).batches(self.cfg.batch_size)
         data = loader(self.urls, self.cfg.batch_size, workers=self.cfg.workers,
-                      shuffle_buffer=2000, repeat=True, seed=self.cfg.seed + self.state["step"])
-        return (b for b in data if isinstance(b, Batch) and b.samples)
+                      shuffle_buffer=2000, repeat=True, seed=seed)
+        return (as_float(b.images()) for b in data if isinstance(b, Batch) and b.samples)
 
 
 class _Every:
@@ -248,11 +266,12 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
           on_step: Callable[[int, float], None] | None = None) -> Path:
     """Train (or resume) until cfg.max_steps or cfg.minutes. Returns the checkpoint path.
     `progress` gets running averages every 2 s; `on_step(step, loss)` every step; a line goes
-    to train_log.jsonl every 30 s. Ctrl-C finishes the step, saves and returns."""
+    to train_log.jsonl every 30 s. Ctrl-C or SIGTERM finishes the step, saves and returns."""
     t = Trainer(cfg)
     test_images = load_images(expand(cfg.test_data), cfg.eval_images) if cfg.test_data else None
     stop = {"flag": False}
-    old_handler = signal.signal(signal.SIGINT, lambda *_: stop.update(flag=True))
+    old = {sig: signal.signal(sig, lambda *_: stop.update(flag=True))
+           for sig in (signal.SIGINT, signal.SIGTERM)}
     t_run = time.monotonic()
     save_due, eval_due = _Every(cfg.save_every_minutes * 60), _Every(cfg.eval_every_minutes * 60)
     progress_due, log_due = _Every(2.0), _Every(30.0)
@@ -279,7 +298,8 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
             if save_due():
                 t.save()
     finally:
-        signal.signal(signal.SIGINT, old_handler)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
     t.snapshot_if_due()
     t.save(test_images)
     return t.ckpt_path

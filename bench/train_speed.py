@@ -81,7 +81,36 @@ def phi_rate(model: UNet, mode: StepMode, images: torch.Tensor, ref: torch.Tenso
     return res, out
 
 
+def one(spec: dict) -> dict:
+    """One training-speed measurement, in its own process (so a slow compile can be cut)."""
+    torch.set_num_threads(spec["threads"])
+    torch.manual_seed(0)
+    model = UNet(preset(spec["preset"]))
+    mode = StepMode(torch.bfloat16 if spec["bf16"] else torch.float32, spec["channels_last"])
+    return train_rate(model, mode, spec["batch"], spec["steps"], spec["compiled"],
+                      spec["give_up_s"])
+
+
+def measure(spec: dict, timeout: float) -> dict:
+    import subprocess
+
+    t0 = time.perf_counter()
+    try:
+        r = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)],
+                           capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"img_per_s": None, "note": f"did not finish in {timeout:.0f} s (compiling)"}
+    if r.returncode != 0:
+        return {"img_per_s": None, "note": r.stderr.strip().splitlines()[-1][:200]}
+    out = json.loads(r.stdout)
+    out["wall_s"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
 def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--one":
+        print(json.dumps(one(json.loads(sys.argv[2]))))
+        return
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="small64")
     ap.add_argument("--batch", type=int, default=32)
@@ -89,26 +118,34 @@ def main() -> None:
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--give-up-s", type=float, default=30.0)
+    ap.add_argument("--compile-timeout", type=float, default=420.0)
     ap.add_argument("--out", default="bench/results/train_speed.json")
     args = ap.parse_args()
     torch.manual_seed(0)
     model = UNet(preset(args.preset))
     images = torch.rand(64, 3, 64, 64)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     result = {"preset": args.preset, "batch": args.batch, "cpu_flags": sorted(cpu_flags()),
               "machine": platform.processor() or platform.machine(),
               "torch": torch.__version__, "train": {}, "phi": {}}
     for threads in [int(t) for t in args.threads.split(",")]:
         torch.set_num_threads(threads)
         best = float("inf")
-        for compiled in ((False,) if args.no_compile else (False, True)):
+        # torch.compile is tried at the largest thread count only (a compile takes minutes)
+        top = threads == max(int(t) for t in args.threads.split(","))
+        for compiled in ((False,) if args.no_compile or not top else (False, True)):
             for mode in MODES:
                 if compiled and mode.dtype == torch.bfloat16 and \
                         result["train"].get(f"t{threads} {mode.label}", {}).get("img_per_s") is None:
                     continue   # dropped uncompiled: compiling it will not rescue it
                 name = f"t{threads} {mode.label}{' +compile' if compiled else ''}"
-                r = train_rate(model, mode, args.batch, args.steps, compiled,
-                               min(args.give_up_s, 4 * best))
+                spec = {"preset": args.preset, "threads": threads, "bf16": mode.dtype ==
+                        torch.bfloat16, "channels_last": mode.channels_last, "batch": args.batch,
+                        "steps": args.steps, "compiled": compiled,
+                        "give_up_s": min(args.give_up_s, 4 * best)}
+                r = measure(spec, args.compile_timeout if compiled else 150)
                 result["train"][name] = r
+                Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
                 if r["img_per_s"]:
                     best = min(best, args.batch / r["img_per_s"])
                 print(f"train {name:36s} {r}", file=sys.stderr, flush=True)
@@ -119,8 +156,8 @@ def main() -> None:
             if ref is None:
                 ref = out
             result["phi"][name] = r
+            Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
             print(f"phi   {name:36s} {r}", file=sys.stderr, flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
 

@@ -152,7 +152,6 @@ def eval_cmd(
     """
     import json
 
-    from phisearch.indexer.cli.common import progress
     from phisearch.indexer.model.embedder import pick_device
 
     from . import evaluate as ev
@@ -166,25 +165,9 @@ def eval_cmd(
         readouts=tuple(r for r in readouts.replace(" ", "").split(",") if r),
         limit_queries=limit_queries, limit_gallery=limit_gallery, batch_size=batch_size,
         device=str(pick_device(device)), cache_dir=str(cache) if cache else None)
-    bars: dict = {}
-
-    def on_progress(stage: str, done: int, total: int) -> None:
-        bar = bars.get("bar")
-        if bars.get("stage") != stage:
-            if bar is not None:
-                bar.close()
-            bar = bars["bar"] = progress(total=total, desc=stage,
-                                         unit="step" if stage == "score" else "img")
-            bars["stage"] = stage
-        bar.n = done
-        bar.refresh()
-
-    try:
+    with StagedProgress(lambda stage: "step" if stage == "score" else "img") as on_progress:
         result = ev.evaluate(checkpoint, list(queries), list(gallery), readout, settings,
                              on_progress)
-    finally:
-        if bars.get("bar") is not None:
-            bars["bar"].close()
     from .eval_report import markdown as to_markdown
 
     table = to_markdown(result)
@@ -392,9 +375,9 @@ def serve(
         "--busy-wait", min=0, help="Edge: seconds a request waits for a store held by another "
         "process (idx build) before answering 503 busy.")] = 1.0,
     hold: Annotated[float, typer.Option(
-        "--hold", min=0, help="Edge: idle seconds serve keeps the store open after a request "
-        "(0: open and close per request, so idx build can start any time; >0: faster "
-        "requests, but a build gets the store only in an idle gap).")] = 0.0,
+        "--hold", min=0, help="Edge: idle seconds serve keeps the store open at most (default: "
+        "until another process such as idx build asks for it, which gets it within a second; "
+        "0: open and close per request).")] = float("inf"),
 ) -> None:
     """Serve φ and search over HTTP (FastAPI): GET /healthz, POST /phi, POST /search.
     Uploads are embedded with the collection's own model and φ settings. With an Edge store,

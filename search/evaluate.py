@@ -31,7 +31,7 @@ from phisearch.indexer.model.readout import (
     l2_normalize,
     parse_label,
 )
-from phisearch.indexer.sources.loader import loader
+from phisearch.indexer.sources.loader import first_samples
 from phisearch.indexer.sources.shards import expand
 from phisearch.search.metrics import score
 
@@ -72,24 +72,10 @@ def load_split(urls: Sequence[str] | str, limit: int | None = None
     """The first `limit` labelled samples of the shards, in order: images (N, 64, 64, 3) uint8,
     labels (N,) int64, keys ("dataset/key", the identity of a point). Unlabelled samples are
     left out (they cannot be scored)."""
-    urls = expand([urls] if isinstance(urls, str) else urls)
-    imgs: list[np.ndarray] = []
-    labels: list[int] = []
-    keys: list[str] = []
-    for batch in loader(urls, batch_size=256, workers=0):
-        for s in batch.samples:
-            if s.label is None:
-                continue
-            imgs.append(s.image)
-            labels.append(s.label)
-            keys.append(f"{s.dataset}/{s.key}")
-            if limit is not None and len(imgs) >= limit:
-                break
-        if limit is not None and len(imgs) >= limit:
-            break
-    if not imgs:
-        raise ValueError(f"no labelled samples in {urls}")
-    return np.stack(imgs), np.asarray(labels, np.int64), keys
+    samples = first_samples(expand([urls] if isinstance(urls, str) else urls), limit,
+                            labelled=True)
+    return (np.stack([s.image for s in samples]), np.asarray([s.label for s in samples], np.int64),
+            [f"{s.dataset}/{s.key}" for s in samples])
 
 
 def embed_images(model: torch.nn.Module, images: np.ndarray, sigma: float, draws: int, seed: int,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from phisearch.indexer.model.embedder import Embedder
+from phisearch.indexer.model.embedder import Embedder, dense_of
 from phisearch.indexer.sources import images
 from phisearch.indexer.store import Hit, Store
 
@@ -52,10 +52,7 @@ def target_from_image(data: bytes, embedder: Embedder) -> Target:
 
 
 def target_from_hit(h: Hit, sparse_dim: int) -> Target:
-    mid = np.zeros(sparse_dim, np.float32)
-    if h.sparse is not None:
-        idx, vals = h.sparse
-        mid[np.asarray(idx, int)] = vals
+    mid = dense_of([h.sparse or ([], [])], sparse_dim)[0]
     return Target(np.asarray(h.vector, np.float32), mid, h.id, h.payload.get("key"))
 
 

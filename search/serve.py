@@ -10,15 +10,14 @@ Endpoints (all JSON):
 Errors: 413 body over max_bytes; 400 undecodable bytes (empty, not an image, corrupt); 422 a
 decodable but unusable image (too small / too many pixels); 503 busy or no collection.
 
-Edge ownership (Qdrant Edge allows one open handle per shard, STACK.md): by default serve never
-holds the store between requests (`hold_s` = 0). Each request opens it once (waiting up to
-`busy_wait`, default 1 s), reads, embeds, searches and closes it, under one in-process lock so
-requests of this server never contend with each other. While `idx build` (or `idx cluster`,
-the UI...) holds the store, requests get 503 {"error": "busy"} with `Retry-After: 1`; a build
-can start at any time while serve runs. Opening costs ~140 ms at 13k points (measured on the
-imagenette index), so `hold_s` > 0 keeps the handle until that many idle seconds have passed:
-fast, but a build can then start only in an idle gap. A Qdrant server has no such limit: one
-client is kept for the life of the process.
+Edge ownership (Qdrant Edge allows one open handle per shard, STACK.md): serve holds the
+collection between requests (reopening costs ~140 ms at 13k points) and hands it over when
+another process asks for it (store/holder.py: a build, `idx remove`, the UI... waits on the
+collection's lock and leaves a marker; serve lets go within ~0.1 s of being idle). While that
+process holds it, requests wait up to `busy_wait` (default 1 s) and then get 503
+{"error": "busy"} with `Retry-After: 1`; afterwards serve opens it again. `--hold S` keeps an
+idle handle at most S seconds (0: open and close per request). A Qdrant server has no such
+limit: one client is kept for the life of the process.
 The model is loaded once per collection identity (model, readout, φ settings) and cached.
 """
 
@@ -26,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -72,7 +72,8 @@ class ServeConfig:
     device: str = "cpu"              # φ of uploads as `idx query` computes it (CPU fp32)
     max_bytes: int = MAX_BYTES       # request body limit -> 413
     busy_wait: float = 1.0           # Edge: seconds to wait for a held store before 503
-    hold_s: float = 0.0              # Edge: idle seconds a handle stays open (0: per request)
+    hold_s: float = math.inf         # Edge: idle seconds a handle is kept at most (inf: until
+                                     # another process asks for it; 0: per request)
     max_k: int = 1000
 
 
@@ -171,6 +172,19 @@ class Service:
                     "model_sha256": meta.get("model_sha256")}
         return self.read(fn)
 
+    def search_by_id(self, point_id: str, k: int, flt: dict | None) -> dict:
+        """The neighbours of a stored point: no model pass, one retrieve and one search."""
+        def fn(st: Store, meta: dict) -> dict:
+            try:
+                target = q.target_from_id(st, point_id, meta["sparse_dim"])
+            except q.NotFound as e:
+                raise ApiError(404, "not_found", str(e)) from None
+            hits = q.search(st, target, k, flt)
+            return {"hits": [q.hit_json(h) for h in hits], "query": {"k": k, "filter": flt or {},
+                                                                     "id": point_id},
+                    "model_sha256": meta.get("model_sha256")}
+        return self.read(fn)
+
     def close(self) -> None:
         self.holder.release()
 
@@ -216,7 +230,7 @@ async def image_bytes(request: Request, max_bytes: int) -> bytes:
 
 
 def create_app(store_cfg: StoreConfig, device: str = "cpu", max_bytes: int = MAX_BYTES,
-               busy_wait: float = 1.0, hold_s: float = 0.0, warm: bool = True) -> FastAPI:
+               busy_wait: float = 1.0, hold_s: float = math.inf, warm: bool = True) -> FastAPI:
     """The HTTP app over one collection. warm: load the model at start-up when the collection
     is readable (else on the first request)."""
     svc = Service(ServeConfig(store=store_cfg, device=device, max_bytes=max_bytes,
@@ -264,10 +278,14 @@ def create_app(store_cfg: StoreConfig, device: str = "cpu", max_bytes: int = MAX
                                                description="only this label"),
                      cluster: int | None = Query(None, ge=INT64_MIN, le=INT64_MAX,
                                                  description="only this cluster_id"),
-                     dataset: str | None = Query(None, description="only this dataset")) -> dict:
-        data = await image_bytes(request, svc.cfg.max_bytes)
+                     dataset: str | None = Query(None, description="only this dataset"),
+                     id: str | None = Query(None, description="search from this stored point "
+                                            "instead of an uploaded image")) -> dict:
         flt = {key: v for key, v in (("label", label), ("cluster_id", cluster),
                                      ("dataset", dataset)) if v is not None}
+        if id is not None:
+            return await run_in_threadpool(svc.search_by_id, id, k, flt or None)
+        data = await image_bytes(request, svc.cfg.max_bytes)
         return await run_in_threadpool(svc.search, data, k, flt or None)
 
     return app

@@ -192,12 +192,14 @@ def test_bad_images_are_400_or_422_with_a_reason(base_url):
     assert r.status_code == 400 and r.json()["error"] in ("no_file", "bad_form")
 
 
-def test_busy_edge_store_is_503_and_serve_holds_nothing_between_requests(built, base_url):
-    """Another handle (as idx build holds it) -> 503 busy with Retry-After; released -> 200.
-    Between requests serve holds no handle, so a build can open the store at once."""
+def test_busy_edge_store_is_503_and_serve_hands_the_store_over(built, base_url):
+    """Another process that asks for the store (as idx build does) gets it from serve at once;
+    meanwhile requests get 503 busy with Retry-After; released -> 200 again."""
     cfg, raws = built
     assert httpx.get(f"{base_url}/healthz", timeout=30).status_code == 200
-    holder = open_store(StoreConfig(path=cfg.path, collection=cfg.collection, busy_wait=0))
+    t = time.monotonic()
+    holder = open_store(StoreConfig(path=cfg.path, collection=cfg.collection, busy_wait=5))
+    assert time.monotonic() - t < 1.5
     try:
         t = time.monotonic()
         r = httpx.get(f"{base_url}/healthz", timeout=30)

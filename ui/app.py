@@ -25,8 +25,8 @@ with st.sidebar:
     h = common.holder(s)
     if h.releases_when_idle:
         state = "open" if h.is_open else "closed"
-        st.caption(f"Handle {state}; closed after {s.hold_s:g} s idle so that `idx build` can "
-                   "take the store.")
+        st.caption(f"Handle {state}; handed over as soon as another process (`idx build`...) "
+                   "asks for the store.")
         if h.is_open and st.button("Release the store now"):
             h.release()
             st.rerun()

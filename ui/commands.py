@@ -33,8 +33,9 @@ def ui(
     device: Annotated[str, typer.Option(
         "--device", help="cpu | cuda | auto, for uploads' φ and reconstruction.")] = "cpu",
     hold: Annotated[float, typer.Option(
-        "--hold", min=0, help="Edge: seconds the UI keeps the store open after its last use "
-        "(other processes such as idx build can open it only while the UI does not).")] = 5.0,
+        "--hold", min=0, help="Edge: idle seconds the UI keeps the store open at most "
+        "(default: until another process such as idx build asks for it; 0: after every "
+        "use).")] = float("inf"),
 ) -> None:
     """Serve the search UI (Streamlit): search, explain, clusters, channels, reconstruct, index.
 

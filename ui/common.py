@@ -3,10 +3,10 @@ process, upload handling, and small widgets (thumbnail grids, the busy-store mes
 
 Store policy (Qdrant Edge allows one open handle per shard, STACK.md): each server process keeps
 ONE handle, in a `StoreHolder` cached with st.cache_resource. Every page reads through
-`holder.use()`, which takes the holder's lock (sessions run in threads and queue here), opens
-the store when it is closed, and re-arms an idle timer; once no page has used it for `hold_s`
-seconds (default 5) the handle is closed, so `idx build`, `idx query` or `idx cluster` started
-while the UI is idle get the store within their own 10 s retry. While another process holds it,
+`holder.use()`, which takes the holder's lock (sessions run in threads and queue here) and opens
+the store when it is closed. The handle is kept while the UI is idle and handed over when
+another process asks for it (store/holder.py): `idx build`, `idx query` or `idx cluster`
+started meanwhile get the store within a second. While another process holds it,
 opening waits 1 s and raises StoreBusy, and `guard()` shows "the index is being built or used by
 another process; retry" with the StoreBusy text and a Retry button, never a traceback.
 A Qdrant server has no such limit: its handle is kept for the life of the process.
@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 import numpy as np
 import streamlit as st
 from phisearch.indexer.cli.common import default_store
+from phisearch.indexer.model.embedder import dense_of
 from phisearch.indexer.model.phi import participation_ratio
 from phisearch.indexer.sources import images
 from phisearch.indexer.store import Store, StoreBusy, StoreConfig, StoreError
@@ -56,7 +57,8 @@ BUSY_HELP = ("The index is being built, or another process (idx build, idx clust
 class UiSettings:
     store: StoreConfig
     device: str = "cpu"     # φ of uploads as `idx query` computes it (CPU fp32) by default
-    hold_s: float = 5.0     # idle seconds before an Edge handle is closed (0: after every use)
+    hold_s: float = float("inf")   # Edge: idle seconds a handle is kept at most (inf: until
+                                   # another process asks for it; 0: after every use)
 
     @property
     def where(self) -> str:
@@ -75,7 +77,7 @@ def settings() -> UiSettings:
         cfg = StoreConfig(path=os.environ.get(ENV_STORE) or default_store(),
                           collection=collection, busy_wait=1.0)
     return UiSettings(store=cfg, device=os.environ.get(ENV_DEVICE) or "cpu",
-                      hold_s=float(os.environ.get(ENV_HOLD, "5")))
+                      hold_s=float(os.environ.get(ENV_HOLD, "inf")))
 
 
 # ----------------------------------------------------------------------------- the store
@@ -300,12 +302,8 @@ def scan_catalog(store: Store, sparse_dim: int) -> Catalog:
         c = p.get("cluster_id")
         clusters.append(-2 if c is None else int(c))
         rows.append(h.sparse or ([], []))
-    mid = np.zeros((len(ids), sparse_dim), np.float32)
-    for i, (idx, vals) in enumerate(rows):
-        if idx:
-            mid[i, np.asarray(idx, int)] = vals
     return Catalog(ids, keys, np.asarray(labels, np.int64), names,
-                   np.asarray(clusters, np.int64), mid)
+                   np.asarray(clusters, np.int64), dense_of(rows, sparse_dim))
 
 
 @st.cache_resource(show_spinner="Reading the collection...", max_entries=2)

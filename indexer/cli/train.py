@@ -33,8 +33,9 @@ def train(
     workers: Annotated[int, typer.Option("--workers", min=0)] = 1,
     device: DeviceOpt = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="auto | fp32 | bf16")] = "auto",
-    compile: Annotated[bool, typer.Option("--compile/--no-compile",
-                                          help="torch.compile the network (CUDA).")] = False,
+    compile: Annotated[bool | None, typer.Option(
+        "--compile/--no-compile", help="torch.compile the network (default: on CUDA, and on "
+        "a CPU for runs of 10+ minutes).")] = None,
     resident: Annotated[bool, typer.Option(
         "--resident/--no-resident", help="Decode the training set once and keep it on the "
         "device (GPU: no decode or copy per step).")] = False,

@@ -53,6 +53,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from phisearch.indexer.model.embedder import dense_of
 from phisearch.indexer.model.readout import principal_axes
 from phisearch.indexer.store import CLUSTERS_DOC, Store, StoreConfig, StoreError, open_store
 
@@ -123,10 +124,7 @@ def read_vectors(store: Store, sparse_dim: int | None = None,
             on_progress("read", len(ids), total)
     if sparse_dim is None:
         sparse_dim = 1 + max((max(i) for i, _ in sparse if len(i)), default=0)
-    mid = np.zeros((len(ids), sparse_dim), np.float32)
-    for row, (idx, vals) in enumerate(sparse):
-        if len(idx):
-            mid[row, np.asarray(idx, int)] = vals
+    mid = dense_of(sparse, sparse_dim)
     dim = len(dense[0]) if dense else 0
     if on_progress:
         on_progress("read", len(ids), total)

@@ -35,6 +35,9 @@ PRESETS: dict[str, UNetConfig] = {
     "paper64": UNetConfig(),
     # Half the width, same depths: ≈3.4 M parameters, trainable on a CPU.
     "small64": UNetConfig(widths=(32, 64, 128, 256)),
+    # small64 with a shallow decoder (2/2/2 convs): the decoder is ~77% of small64's training
+    # FLOPs, so this trains ~2x the images per CPU-minute (bench/arch_experiment.py).
+    "small64-dec2": UNetConfig(widths=(32, 64, 128, 256), dec_depth=(2, 2, 2)),
     # For tests only: a few thousand parameters, same topology.
     "tiny": UNetConfig(widths=(8, 8, 16, 16), enc_depth=(1, 1, 1), mid_depth=2,
                        dec_depth=(1, 1, 1)),

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from phisearch.indexer.model import checkpoint as ckpt
 from phisearch.indexer.model.config import PhiConfig
-from phisearch.indexer.model.phi import MID, features
+from phisearch.indexer.model.phi import MID, fast_layout, features
 from phisearch.indexer.model.readout import Readout, check_fitted_for
 
 
@@ -32,6 +32,15 @@ def sparse_of(mid: np.ndarray) -> list[tuple[list[int], list[float]]]:
     return out
 
 
+def dense_of(rows: list[tuple[list[int], list[float]]], dim: int) -> np.ndarray:
+    """The inverse of sparse_of: (N, dim) float32 middle-block means, zero where absent."""
+    out = np.zeros((len(rows), dim), np.float32)
+    for r, (idx, vals) in enumerate(rows):
+        if len(idx):
+            out[r, np.asarray(idx, int)] = vals
+    return out
+
+
 @dataclass
 class Embedder:
     checkpoint: ckpt.Checkpoint
@@ -47,6 +56,7 @@ class Embedder:
         phi = phi or PhiConfig(readout=c.info.get("readout", "mid"))
         check_fitted_for(phi.readout, c.info, phi.sigma, phi.draws, c.name)
         readout = Readout.from_checkpoint(phi.readout, c.extras)
+        fast_layout(c.model)   # the φ pass in the faster memory format (same values)
         return cls(c, phi, readout, dev)
 
     @classmethod

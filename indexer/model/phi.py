@@ -8,7 +8,10 @@ image was indexed or uploaded (CONTRACT.md). Draws are folded into the batch.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import json
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -61,6 +64,37 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype)
 
 
+@functools.lru_cache(maxsize=16)
+def _layout_probe(cfg_json: str, threads: int) -> bool:
+    """True when channels_last runs the φ pass faster than NCHW for this network on this CPU
+    (measured 1.47x on an AVX2 host, bench/results/train_speed.json; the vectors are the same)."""
+    from phisearch.indexer.model.config import UNetConfig
+
+    model = UNet(UNetConfig.from_dict(json.loads(cfg_json))).eval()
+    x = torch.rand(32, model.cfg.in_channels, 64, 64)
+    best = {}
+    for cl in (False, True):
+        m = model.to(memory_format=torch.channels_last) if cl else model
+        y = x.contiguous(memory_format=torch.channels_last) if cl else x
+        with torch.no_grad():
+            m.encode(y)                                   # warm-up
+            t0 = time.perf_counter()
+            m.encode(y)
+            best[cl] = time.perf_counter() - t0
+    return best[True] < 0.9 * best[False]
+
+
+def fast_layout(model: UNet) -> UNet:
+    """The model in the memory format that runs the φ pass fastest here (CPU: measured once
+    per network shape and thread count; CUDA: channels_last). Values do not change."""
+    device = next(model.parameters()).device
+    use = device.type == "cuda" or _layout_probe(model.cfg.to_json(), torch.get_num_threads())
+    if use:
+        model = model.to(memory_format=torch.channels_last)
+    model.channels_last = use
+    return model
+
+
 @torch.no_grad()
 def features(model: UNet, images: np.ndarray | Tensor, sigma: float, draws: int, seed: int,
              taps: tuple[str, ...] = (MID,), amp_dtype: torch.dtype | None = None,
@@ -83,6 +117,8 @@ def features(model: UNet, images: np.ndarray | Tensor, sigma: float, draws: int,
     if sigma > 0:
         y = y + sigma * noise(pixels, draws, seed)                     # (draws, N, 3, H, W)
     y = y.reshape(draws * n, *x.shape[1:]).to(device, non_blocking=True)
+    if getattr(model, "channels_last", False):   # set by fast_layout: match the model
+        y = y.contiguous(memory_format=torch.channels_last)
     got: dict[str, Tensor] = {}
     with _autocast(device, amp_dtype):
         mid_map, skips = model.encode(y, taps=got)

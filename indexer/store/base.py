@@ -72,6 +72,8 @@ class StoreConfig:
     prefer_grpc: bool = False
     timeout: float = 30.0
     busy_wait: float = 10.0        # Edge: seconds to wait for a held collection's lock
+    yields: bool = False           # Edge: a long-lived reader (holder.py): never takes the lock
+                                   # while a writer waits for it
 
     @property
     def where(self) -> str:
@@ -248,6 +250,11 @@ class Store(ABC):
     def restore(self, name: str) -> dict:
         """Replace the collection with snapshot `name`: exactly its points, payloads and docs.
         The store is closed afterwards."""
+
+    def others_waiting(self) -> bool:
+        """Whether another process waits for this collection (Edge: its lock's markers), so a
+        long-lived reader should let go; a server has no such wait."""
+        return False
 
     @property
     def is_built(self) -> bool:

@@ -60,7 +60,7 @@ class EdgeStore(Store):
         # ever calls EdgeShard.load on a shard another may hold (lock.py says why).
         self.lock = CollectionLock(self.root, self.name)
         try:
-            self.lock.acquire(cfg.busy_wait)
+            self.lock.acquire(cfg.busy_wait, polite=cfg.yields)
         except LockTimeout as e:
             who = describe(e.holder)
             raise StoreBusy(f"{self.where} is in use by another process"
@@ -83,6 +83,9 @@ class EdgeStore(Store):
     @property
     def is_built(self) -> bool:
         return self.shard is not None
+
+    def others_waiting(self) -> bool:
+        return self.lock.others_waiting()
 
     def _edge_config(self, dim: int):
         qe = self.qe

@@ -1,18 +1,26 @@
 """One store handle for a long-running reader (`idx serve`, the UI), shared by its threads.
 
-An Edge collection allows one open handle, and a build must be able to start at any time, so
-the holder opens it on first use and closes it after `hold_s` idle seconds (0: after every use);
-a server allows any number of clients, so its handle is kept. A collection that did not exist
+An Edge collection allows one open handle, and a build must be able to start at any time. The
+holder keeps the collection open between requests (reopening costs ~140 ms at 13k points) and
+hands it over on request: whoever waits for the collection's lock leaves a marker (lock.py), and
+a watcher thread closes the handle as soon as the holder is idle and a marker from another
+process is there (checked every `poll` seconds). While the other process holds the collection,
+`use()` waits up to the store config's busy_wait and then raises StoreBusy (serve: 503 with
+Retry-After); after it is done, the next use opens the collection again. `hold_s` bounds how
+long an idle handle is kept at all (inf: until someone asks; 0: closed after every use). A
+server allows any number of clients, so its handle is kept. A collection that did not exist
 when opened is looked for again at the next use.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import TypeVar
 
 from phisearch.indexer.store import Store, StoreConfig, backend_class, open_store
@@ -22,16 +30,18 @@ T = TypeVar("T")
 
 
 class StoreHolder:
-    """The process's one handle on cfg's collection, under a lock, released when idle."""
+    """The process's one handle on cfg's collection, under a lock, handed over when asked."""
 
-    def __init__(self, cfg: StoreConfig, hold_s: float) -> None:
+    def __init__(self, cfg: StoreConfig, hold_s: float = math.inf, poll: float = 0.1) -> None:
         self.cfg = cfg
         self.hold_s = hold_s
+        self.poll = poll
         self._lock = threading.RLock()
         self._store: Store | None = None
         self._keep = backend_class(cfg).shares_handles   # a server's: kept for good
-        self._timer: threading.Timer | None = None
         self._last_used = 0.0
+        self._watcher: threading.Thread | None = None
+        self.handovers = 0            # times the handle was given up because someone asked
 
     @property
     def is_open(self) -> bool:
@@ -50,12 +60,12 @@ class StoreHolder:
             if self._store is not None and not self._store.is_built:
                 self._close()   # opened before `idx build` made it: look again
             if self._store is None:
-                self._store = open_store(self.cfg)
+                self._store = open_store(replace(self.cfg, yields=True))
             try:
                 yield self._store
             finally:
                 self._last_used = time.monotonic()
-                self._arm()
+                self._after_use()
 
     def unheld(self, fn: Callable[[StoreConfig], T]) -> T:
         """Call fn(cfg), a library function that opens the store itself (pipeline.status),
@@ -69,30 +79,38 @@ class StoreHolder:
         with self._lock:
             self._close()
 
-    def _arm(self) -> None:
-        if self._keep:
+    def _after_use(self) -> None:
+        if self._keep or self._store is None:
             return
-        if self._timer is not None:
-            self._timer.cancel()
-        if self.hold_s <= 0:
-            self._close()
+        if self.hold_s <= 0 or self._store.others_waiting():
+            self._close(asked=self.hold_s > 0)
             return
-        self._timer = threading.Timer(self.hold_s, self._close_if_idle)
-        self._timer.daemon = True
-        self._timer.start()
+        if self._watcher is None or not self._watcher.is_alive():
+            self._watcher = threading.Thread(target=self._watch, daemon=True,
+                                             name="phisearch-store-holder")
+            self._watcher.start()
 
-    def _close_if_idle(self) -> None:
-        with self._lock:
-            if time.monotonic() - self._last_used >= self.hold_s - 1e-3:
-                self._close()
+    def _watch(self) -> None:
+        """While the handle is open: close it when idle and asked for, or idle past hold_s."""
+        while True:
+            time.sleep(self.poll)
+            if not self._lock.acquire(blocking=False):
+                continue            # a request is using it: look again after it
+            try:
+                if self._store is None:
+                    return
+                asked = self._store.others_waiting()
+                if asked or time.monotonic() - self._last_used >= self.hold_s:
+                    self._close(asked=asked)
+                    return
+            finally:
+                self._lock.release()
 
-    def _close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+    def _close(self, asked: bool = False) -> None:
         if self._store is not None:
             try:
                 self._store.close()
             finally:
                 self._store = None
-                log.info("store handle released")
+                self.handovers += asked
+                log.info("store handle released%s", " (another process asked)" if asked else "")

@@ -11,6 +11,12 @@ to the open file, which a forked child shares through its copy of the descriptor
 is close-on-exec, and an at-fork hook closes it in every forked child (closing a copy does not
 release the parent's lock). The holder writes its pid and command into the file, so "busy"
 can say who holds it.
+
+Handing over: whoever waits for a held lock leaves a marker `<collection>.wanted.<pid>` beside
+it for as long as it waits. Long-lived readers (`idx serve`, the UI: holder.py) look for other
+processes' markers between requests and let go when one is there, so a build, a `remove` or
+another reader gets the collection within a fraction of a second; a build or any other
+short-lived user never looks, and keeps the lock until it is done.
 """
 
 from __future__ import annotations
@@ -64,30 +70,42 @@ class CollectionLock:
     def __init__(self, root: Path, collection: str) -> None:
         self.path = lock_path(root, collection)
         self.fd: int | None = None
+        self._marker: Path | None = None
 
     @property
     def held(self) -> bool:
         return self.fd is not None
 
-    def acquire(self, timeout: float, poll: float = 0.05) -> None:
-        """Wait up to `timeout` seconds; raise LockTimeout with the holder's note after that."""
+    def acquire(self, timeout: float, poll: float = 0.05, polite: bool = False) -> None:
+        """Wait up to `timeout` seconds; raise LockTimeout with the holder's note after that.
+        polite (long-lived readers): never take the lock while a writer waits for it, so a
+        reader that just let go does not win it straight back."""
         if self.fd is not None:
             return
+        # one marker per waiting lock object (a process may hold in one thread and wait in
+        # another: the UI's holder and a page that opens the store itself)
+        self._marker = self.path.with_name(
+            f"{self.path.stem}.wanted.{os.getpid()}.{id(self)}.{'r' if polite else 'w'}")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         deadline = time.monotonic() + max(0.0, timeout)
         try:
             while True:
                 try:
+                    if polite and self._waiting(kinds="w"):
+                        raise BlockingIOError   # a writer is next
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     break
                 except BlockingIOError:
                     if time.monotonic() >= deadline:
                         raise LockTimeout(self.holder()) from None
+                    self._marker.touch()   # ask a long-lived reader to let go
                     time.sleep(poll)
         except BaseException:
             os.close(fd)
             raise
+        finally:
+            self._marker.unlink(missing_ok=True)
         self.fd = fd
         _HELD.add(fd)
         note = json.dumps({"pid": os.getpid(), "cmd": _command(), "since": time.time()})
@@ -105,6 +123,23 @@ class CollectionLock:
             pass
         os.close(fd)   # closing the last descriptor of the open file releases the flock
 
+    def others_waiting(self) -> bool:
+        """Whether anyone else (another process, or another handle in this one) waits for
+        this lock: a marker other than our own, left by a live process."""
+        return self._waiting(kinds="rw")
+
+    def _waiting(self, kinds: str) -> bool:
+        for m in self.path.parent.glob(f"{self.path.stem}.wanted.*"):
+            if m == self._marker:
+                continue
+            parts = m.name.split(".wanted.", 1)[1].split(".")   # pid, object id, r|w
+            if len(parts) != 3 or not parts[0].isdigit() or parts[2] not in kinds:
+                continue
+            if _alive(int(parts[0])):
+                return True
+            m.unlink(missing_ok=True)      # left by a process that died waiting
+        return False
+
     def holder(self) -> dict | None:
         """The note of whoever holds the lock now (best effort: it may just have changed)."""
         try:
@@ -112,6 +147,16 @@ class CollectionLock:
             return json.loads(text) if text.strip() else None
         except (OSError, ValueError):
             return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _command() -> str:

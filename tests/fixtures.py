@@ -66,7 +66,7 @@ def _gradient(w: int, h: int, seed: int = 0) -> np.ndarray:
 def write_bad_shard(path: Path, good_from: str, n_good: int = 6) -> dict[str, int]:
     """A WebDataset tar mixing n_good real samples with one of each kind of bad (and odd but good)
     input. Returns the expected counts: {"good": N, reason: count, ...}, with the reasons that
-    indexer/images.py (BadImage.reason) and indexer/shards.py (Skip.reason) use."""
+    indexer/sources/images.py (BadImage.reason) and indexer/sources/records.py (Skip.reason) use."""
     good = read_samples(good_from, n_good)
     real_jpg = good[0][1]["jpg"]
     rgb = Image.fromarray(_gradient(64, 64))

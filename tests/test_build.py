@@ -1,4 +1,5 @@
-"""idx build / status / query end to end on a real Edge store (and a server when QDRANT_URL is set)."""
+"""idx build / status / query end to end on a real Edge store and through the server backend
+(qdrant-client's local mode here; a real server too when QDRANT_URL is set)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,12 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 import webdataset as wds
+from conftest import STORE_KINDS, drop, store_place
 from phisearch.indexer.build.pipeline import BuildConfig, build
 from phisearch.indexer.build.summary import status
 from phisearch.indexer.model import checkpoint as ckpt
@@ -24,27 +25,13 @@ from phisearch.indexer.store import MetaMismatch, StoreConfig, open_store, point
 
 IDX = [sys.executable, "-m", "phisearch.ui"]
 
-# The server runs of these tests skip, saying why, unless QDRANT_URL names a Qdrant server.
-BACKENDS = ["edge", pytest.param("server", marks=pytest.mark.server)]
-
-
-@pytest.fixture(params=BACKENDS)
+@pytest.fixture(params=STORE_KINDS)
 def store_cfg(request, tmp_path):
-    if request.param == "server":
-        if not os.environ.get("QDRANT_URL"):
-            pytest.skip("QDRANT_URL not set: no Qdrant server on this machine")
-        cfg = StoreConfig(url=os.environ["QDRANT_URL"], api_key=os.environ.get("QDRANT_API_KEY"),
-                          collection=f"test_{uuid.uuid4().hex[:8]}")
-    else:
-        cfg = StoreConfig(path=str(tmp_path / "store"), collection="phisearch")
+    """Edge, the server backend over qdrant-client's local mode, and a real server when
+    QDRANT_URL is set (conftest.STORE_KINDS)."""
+    cfg = store_place(request, request.param, tmp_path)
     yield cfg
-    if request.param == "server":
-        from qdrant_client import QdrantClient
-
-        client = QdrantClient(url=cfg.url, api_key=cfg.api_key)
-        for name in (cfg.collection, f"{cfg.collection}__phisearch_meta"):
-            if client.collection_exists(name):
-                client.delete_collection(name)
+    drop(cfg)
 
 
 def split_shard(src: str, folder: Path, parts: int) -> list[str]:

@@ -1,16 +1,16 @@
-"""idx cluster on a real Edge store built from the mini shard with a tiny (untrained) model."""
+"""idx cluster on a real Edge store built from the mini shard with a tiny (untrained) model, and
+on the same collection through the server backend (local mode; a real server with QDRANT_URL)."""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import STORE_KINDS, drop, store_place
 from phisearch.indexer.build.pipeline import BuildConfig, build
 from phisearch.indexer.manage.cluster import (
     ClusterConfig,
@@ -19,6 +19,7 @@ from phisearch.indexer.manage.cluster import (
     fit_assign,
     resolve_preprocess,
 )
+from phisearch.indexer.manage.export import ExportConfig, export
 from phisearch.indexer.model.config import PhiConfig
 from phisearch.indexer.store import StoreConfig, StoreError, open_store
 from typer.testing import CliRunner
@@ -36,25 +37,19 @@ def built_store(tmp_path_factory, mini_shard, tiny_ckpt) -> Path:
     return root / "store"
 
 
-@pytest.fixture(params=["edge", pytest.param("server", marks=pytest.mark.server)])
-def store_cfg(request, built_store, tmp_path, mini_shard) -> Iterator[StoreConfig]:
-    """Edge: a copy of the module's store. Server (QDRANT_URL): the same build into a fresh
-    collection, dropped afterwards."""
+@pytest.fixture(params=STORE_KINDS)
+def store_cfg(request, built_store, tmp_path) -> Iterator[StoreConfig]:
+    """Edge: a copy of the module's store. Server (local mode; QDRANT_URL's too when set): the
+    same collection exported into a fresh server collection, dropped afterwards."""
     if request.param == "edge":
         shutil.copytree(built_store, tmp_path / "store")
         yield StoreConfig(path=str(tmp_path / "store"), collection="phisearch")
         return
-    url = os.environ.get("QDRANT_URL")
-    if not url:
-        pytest.skip("QDRANT_URL not set: no Qdrant server on this machine")
-    cfg = StoreConfig(url=url, api_key=os.environ.get("QDRANT_API_KEY"),
-                      collection=f"test_cluster_{uuid.uuid4().hex[:8]}")
-    build(BuildConfig(data=(mini_shard,), store=cfg, checkpoint=str(built_store.parent /
-                      "tiny.safetensors"), phi=PhiConfig(sigma=0.2, draws=1, seed=0),
-                      batch_size=50, workers=0, device="cpu"))
+    cfg = store_place(request, request.param, tmp_path)
+    source = StoreConfig(path=str(built_store), collection="phisearch")
+    assert export(ExportConfig(source=source, dest=cfg))["points"] == 100
     yield cfg
-    with open_store(cfg) as st:
-        st.drop()
+    drop(cfg)
 
 
 def store_args(cfg: StoreConfig) -> list[str]:

@@ -1,5 +1,6 @@
-"""idx export: an Edge collection copied into another Edge folder (here) or a Qdrant server (when
-QDRANT_URL is set), complete, resumable after an interruption, refusing other models."""
+"""idx export: an Edge collection copied into another Edge folder or through the server backend
+(qdrant-client's local mode here; a real server too when QDRANT_URL is set), complete, resumable
+after an interruption, refusing other models."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import os
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
+from conftest import SERVER_KINDS, drop, store_place
 from phisearch.indexer.build.pipeline import BuildConfig, build
 from phisearch.indexer.manage import cluster as cluster_mod
 from phisearch.indexer.manage.export import EXPORT_DOC, SIDE_DOCS, ExportConfig, export, meta_sha256
@@ -19,7 +22,6 @@ from phisearch.indexer.model.config import PhiConfig
 from phisearch.indexer.store import MetaMismatch, StoreConfig, StoreError, open_store
 
 IDX = [sys.executable, "-m", "phisearch.ui"]
-NO_SERVER = "QDRANT_URL not set: no Qdrant server on this machine"
 
 
 @pytest.fixture(scope="module")
@@ -144,21 +146,51 @@ def test_cli_export_json_and_errors(source, tmp_path):
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "nothing to export" in r.stderr
 
 
-@pytest.mark.server
-@pytest.mark.skipif(not os.environ.get("QDRANT_URL"), reason=NO_SERVER)
-def test_edge_to_server(source):
-    dest = StoreConfig(url=os.environ["QDRANT_URL"], api_key=os.environ.get("QDRANT_API_KEY"),
-                       collection=f"test_export_{uuid.uuid4().hex[:8]}")
-    try:
-        first = export(ExportConfig(source=source, dest=dest, batch_size=32, limit=50))
-        assert first["exported"] == 50 and not first["complete"]
-        summary = export(ExportConfig(source=source, dest=dest, batch_size=32))
-        assert summary["exported"] == 50 and summary["skipped_existing"] == 50
-        assert summary["points"] == 100 and summary["complete"]
-        assert_same(snapshot(source), snapshot(dest))
-        with open_store(source) as s, open_store(dest) as d:
-            for name in SIDE_DOCS:
-                assert d.get_doc(name) == s.get_doc(name)
-    finally:
-        with open_store(dest) as d:
-            d.drop()
+@pytest.fixture(params=SERVER_KINDS)
+def server_dest(request, tmp_path) -> Iterator[StoreConfig]:
+    """A fresh server collection: local mode here, QDRANT_URL's server too when set."""
+    dest = store_place(request, request.param, tmp_path, collection=f"test_export_"
+                       f"{uuid.uuid4().hex[:8]}")
+    yield dest
+    drop(dest)
+
+
+def test_edge_to_server(source, server_dest):
+    dest = server_dest
+    first = export(ExportConfig(source=source, dest=dest, batch_size=32, limit=50))
+    assert first["exported"] == 50 and not first["complete"]
+    with open_store(dest) as d:
+        assert d.count() == 50 and d.get_doc("shards") is None
+    summary = export(ExportConfig(source=source, dest=dest, batch_size=32))
+    assert summary["exported"] == 50 and summary["skipped_existing"] == 50
+    assert summary["points"] == 100 and summary["complete"]
+    assert_same(snapshot(source), snapshot(dest))
+    with open_store(source) as s, open_store(dest) as d:
+        assert d.meta() == s.meta()
+        for name in SIDE_DOCS:
+            assert d.get_doc(name) == s.get_doc(name)
+        assert d.count({"label": 3}) == s.count({"label": 3}) == 10
+        for c in range(4):
+            assert d.count({"cluster_id": c}) == s.count({"cluster_id": c})
+        some = next(s.scroll(with_vectors=True))
+        assert [h.id for h in d.search(some.vector, limit=5)] == \
+            [h.id for h in s.search(some.vector, limit=5)]
+    again = export(ExportConfig(source=source, dest=dest))
+    assert again["exported"] == 0 and again["skipped_existing"] == 100
+
+
+def test_cli_export_edge_to_server(source, server_dest, monkeypatch):
+    """`idx export --to-url` in-process (CliRunner), so local mode's injected client serves it."""
+    from phisearch.ui.cli import app
+    from typer.testing import CliRunner
+
+    monkeypatch.setenv("PHISEARCH_NO_PROGRESS", "1")
+    args = ["export", "--store", source.path, "--to-url", server_dest.url, "--to-collection",
+            server_dest.collection, "--json"]
+    res = CliRunner().invoke(app, [*args, "--limit", "30"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout) == dict(json.loads(res.stdout), exported=30, points=30)
+    res = CliRunner().invoke(app, args)
+    out = json.loads(res.stdout)
+    assert (out["exported"], out["skipped_existing"], out["points"]) == (70, 30, 100)
+    assert_same(snapshot(source), snapshot(server_dest))

@@ -1,5 +1,7 @@
-"""The store on real engines: Qdrant Edge shards under tmp_path always, a Qdrant server when
-QDRANT_URL is set. The same suite runs on both, so callers never need to branch on backend."""
+"""The store on both backends: Qdrant Edge shards under tmp_path, and the server backend over
+qdrant-client's local mode (Qdrant's own implementation of the API, in-process) always, a real
+Qdrant server too when QDRANT_URL is set. The same suite runs on each, so callers never need to
+branch on backend; the few tests that need a real server say so (conftest.REAL_SERVER)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from conftest import STORE_KINDS, drop, store_place
 from phisearch.indexer.store import (
     SCHEMA_VERSION,
     MetaMismatch,
@@ -33,15 +36,14 @@ META = {"model_sha256": "a" * 64, "readout": "mid", "readout_sha256": "b" * 64, 
         "checkpoint": "small64"}
 
 
-@pytest.fixture(scope="module", params=["edge", pytest.param("server", marks=pytest.mark.server)])
+@pytest.fixture(scope="module", params=STORE_KINDS)
 def base(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> StoreConfig:
-    """Where a backend's test collections live: an Edge folder, or the QDRANT_URL server."""
-    if request.param == "edge":
-        return StoreConfig(path=str(tmp_path_factory.mktemp("store")), busy_wait=0.5)
-    url = os.environ.get("QDRANT_URL")
-    if not url:
-        pytest.skip("QDRANT_URL not set: no Qdrant server on this machine")
-    return StoreConfig(url=url, api_key=os.environ.get("QDRANT_API_KEY"), busy_wait=0.5)
+    """Where a backend's test collections live: an Edge folder, the server backend over
+    qdrant-client's local mode, or the QDRANT_URL server (conftest.STORE_KINDS)."""
+    return store_place(request, request.param, tmp_path_factory.mktemp("store"), busy_wait=0.5)
+
+
+EDGE_ONLY = pytest.mark.parametrize("base", ["edge"], indirect=True)   # Edge's folder and lock
 
 
 def fresh(base: StoreConfig) -> StoreConfig:
@@ -53,9 +55,7 @@ def cfg(base: StoreConfig) -> Iterator[StoreConfig]:
     """A unique collection per test, deleted afterwards."""
     c = fresh(base)
     yield c
-    if c.url:   # Edge collections go with tmp_path
-        with open_store(c) as s:
-            s.drop()
+    drop(c)   # Edge collections go with tmp_path
 
 
 def make_points(n: int = N, seed: int = 0) -> tuple[list[PointData], np.ndarray]:
@@ -265,9 +265,8 @@ def test_docs_round_trip_and_are_not_points(filled, cfg):
         assert s.get_doc("shards") == {"a.tar": {"size": 1}} and s.count() == N
 
 
+@EDGE_ONLY
 def test_edge_layout(filled, cfg):
-    if cfg.url:
-        pytest.skip("Edge folder layout")
     store, _, _ = filled
     store.put_doc("last_run", {"indexed": N})
     d = os.path.join(cfg.path, cfg.collection)
@@ -275,9 +274,8 @@ def test_edge_layout(filled, cfg):
     assert os.listdir(os.path.join(d, "docs")) == ["last_run.json"]
 
 
+@EDGE_ONLY
 def test_edge_second_open_is_busy_until_closed(cfg):
-    if cfg.url:
-        pytest.skip("only Edge holds a lock per shard folder")
     first = open_store(cfg)
     first.ensure(META)
     first.upsert(make_points(5)[0])
@@ -299,10 +297,9 @@ time.sleep(60)
 """
 
 
+@EDGE_ONLY
 def test_edge_held_by_another_process_then_killed(cfg):
     """Another process holds the shard: StoreBusy; once it dies (even SIGKILL), it opens."""
-    if cfg.url:
-        pytest.skip("only Edge holds a lock per shard folder")
     with open_store(cfg) as s:
         s.ensure(META)
         s.upsert(make_points(7)[0])

@@ -1,4 +1,6 @@
-"""The Qdrant server backend of the store (qdrant-client against a URL; never its local mode).
+"""The Qdrant server backend of the store (qdrant-client against a URL). Its local mode is no
+backend of phisearch's; the contract tests inject it (TEST_CLIENTS) to run these calls against
+Qdrant's own implementation of the API, and a real server in CI (docs/operations.md).
 
 Metadata and documents live in a companion collection `<collection>__phisearch_meta` (a 1-d
 dummy vector; one point per record, id uuid5 of its name, the record as JSON text in the
@@ -14,7 +16,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from typing import Any, TypeVar
 
 import numpy as np
@@ -37,8 +39,9 @@ from phisearch.indexer.store.base import (
     plain,
     prepare_meta,
 )
+from phisearch.indexer.store.server_errors import Missing, errors, is_connection_error
+from phisearch.indexer.store.server_snapshots import companion, recover
 from qdrant_client import QdrantClient, models
-from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 from tenacity import (
     RetryCallState,
     Retrying,
@@ -51,39 +54,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 META_SUFFIX = "__phisearch_meta"
 RETRIES, BACKOFF = 5, 0.5
-SNAPSHOTS_DIR = "/qdrant/snapshots"   # where the server keeps its snapshot files
-
-
-def _is_connection_error(e: BaseException) -> bool:
-    """Errors worth a retry: the server was unreachable, not a refused request."""
-    if isinstance(e, (ResponseHandlingException, ConnectionError, TimeoutError)):
-        return True
-    try:
-        import grpc
-    except ImportError:
-        return False
-    return isinstance(e, grpc.RpcError) and e.code() in (
-        grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-
-
-def _is_not_found(e: BaseException) -> bool:
-    """gRPC's answer for a collection that does not exist."""
-    try:
-        import grpc
-    except ImportError:
-        return False
-    return isinstance(e, grpc.RpcError) and e.code() == grpc.StatusCode.NOT_FOUND
-
-
-def _short(e: BaseException) -> str:
-    """One line: gRPC errors carry theirs in details(), others in their first line."""
-    details = getattr(e, "details", None)
-    text = details() if callable(details) else str(e)
-    return (text or type(e).__name__).splitlines()[0]
-
-
-class _Missing(StoreError):
-    """The server answered 404: the collection does not exist (yet)."""
+# Tests only: location (URL) -> a client to use instead of connecting to it, never closed by the
+# store. tests/conftest.py puts qdrant-client's local mode here (QdrantClient(":memory:")) so the
+# same calls run against Qdrant's own implementation of the API without a server. Nothing in
+# phisearch fills it: no flag, URL scheme or environment variable reaches local mode.
+TEST_CLIENTS: dict[str, QdrantClient] = {}
 
 
 def _doc_id(name: str) -> str:
@@ -98,9 +73,11 @@ class ServerStore(Store):
 
     backend = "server"
 
-    def __init__(self, cfg: StoreConfig, client: QdrantClient, name: str) -> None:
+    def __init__(self, cfg: StoreConfig, client: QdrantClient, name: str,
+                 owns_client: bool = True) -> None:
         self.cfg = cfg
         self.client = client
+        self.owns_client = owns_client    # False: an injected client, its owner closes it
         self.name = name                  # an alias was resolved at open, by the backend
         self.meta_name = self.name + META_SUFFIX
         self._dim: int | None = None
@@ -109,31 +86,9 @@ class ServerStore(Store):
     def where(self) -> str:
         return f"Qdrant at {self.cfg.url} collection {self.name}"
 
-    @contextmanager
-    def _errors(self, what: str) -> Iterator[None]:
-        """Client exceptions -> one-line StoreErrors."""
-        try:
-            yield
-        except StoreError:
-            raise
-        except UnexpectedResponse as e:
-            if e.status_code == 404 and b"doesn't exist" in (e.content or b""):
-                raise _Missing(str(e)) from None
-            hint = " (check --api-key / QDRANT_API_KEY)" if e.status_code in (401, 403) else ""
-            body = e.content.decode(errors="replace") if e.content else ""
-            if body.lstrip().startswith("<") or "html" in body[:200].lower():
-                raise StoreError(f"{self.cfg.url} answered {what} with an HTML page (HTTP "
-                                 f"{e.status_code} {e.reason_phrase}): not a Qdrant server? "
-                                 "check --qdrant-url") from None
-            detail = " ".join(body.split())[:200] if body else e.reason_phrase
-            raise StoreError(f"Qdrant at {self.cfg.url} refused {what}: HTTP {e.status_code} "
-                             f"{detail}{hint}") from None
-        except Exception as e:
-            if _is_not_found(e):
-                raise _Missing(str(e)) from None
-            if _is_connection_error(e):
-                raise StoreError(f"cannot reach Qdrant at {self.cfg.url}: {_short(e)}") from None
-            raise StoreError(f"{what} on {self.where} failed: {e}") from e
+    def _errors(self, what: str) -> AbstractContextManager[None]:
+        """Client exceptions -> one-line StoreErrors (Missing: no such collection)."""
+        return errors(self.cfg.url, self.where, what)
 
     def _retry(self, what: str, fn: Callable[[], T]) -> T:
         """Retry connection errors with exponential backoff (tenacity): a long build survives
@@ -145,7 +100,7 @@ class ServerStore(Store):
 
         retrying = Retrying(stop=stop_after_attempt(RETRIES), reraise=True,
                             wait=wait_exponential(multiplier=BACKOFF, max=30),
-                            retry=retry_if_exception(_is_connection_error), before_sleep=warn,
+                            retry=retry_if_exception(is_connection_error), before_sleep=warn,
                             sleep=time.sleep)
         with self._errors(what):
             return retrying(fn)
@@ -156,7 +111,7 @@ class ServerStore(Store):
             with self._errors("read metadata"):
                 recs = self.client.retrieve(self.meta_name, [pid], with_payload=True,
                                             with_vectors=False)
-        except _Missing:
+        except Missing:
             return None
         return json.loads(recs[0].payload["json"]) if recs else None
 
@@ -244,7 +199,7 @@ class ServerStore(Store):
             with self._errors("count"):
                 return int(self.client.count(self.name, count_filter=self._filter(filter),
                                              exact=True).count)
-        except _Missing:
+        except Missing:
             return 0
 
     @staticmethod
@@ -266,7 +221,7 @@ class ServerStore(Store):
                 res = self.client.query_points(self.name, query=query, using=using, limit=limit,
                                                query_filter=self._filter(filter),
                                                with_payload=True, with_vectors=with_vectors)
-        except _Missing:
+        except Missing:
             return []
         # Euclid scores come back as distances already (sqrt applied server-side).
         return [self._hit(p, with_vectors, score) for p in res.points]
@@ -290,7 +245,7 @@ class ServerStore(Store):
             with self._errors("retrieve"):
                 recs = self.client.retrieve(self.name, [str(i) for i in ids], with_payload=True,
                                             with_vectors=with_vectors)
-        except _Missing:
+        except Missing:
             return []
         by_id = {str(r.id): self._hit(r, with_vectors) for r in recs}
         return [by_id[str(i)] for i in dict.fromkeys(ids) if str(i) in by_id]
@@ -304,7 +259,7 @@ class ServerStore(Store):
                     recs, offset = self.client.scroll(self.name, scroll_filter=flt, limit=batch,
                                                       offset=offset, with_payload=True,
                                                       with_vectors=with_vectors)
-            except _Missing:
+            except Missing:
                 return
             for r in recs:
                 yield self._hit(r, with_vectors)
@@ -333,7 +288,7 @@ class ServerStore(Store):
                 if n:
                     self.client.delete(self.name, wait=True,
                                        points_selector=models.FilterSelector(filter=flt))
-        except _Missing:
+        except Missing:
             return 0
         return n
 
@@ -345,8 +300,9 @@ class ServerStore(Store):
         self._dim = None
 
     def close(self) -> None:
-        with self._errors("close"):
-            self.client.close()
+        if self.owns_client:
+            with self._errors("close"):
+                self.client.close()
 
     # -- snapshots: Qdrant's own API, for the collection and its companion --------------------
     def snapshot(self) -> dict:
@@ -357,23 +313,17 @@ class ServerStore(Store):
                 "created_at": time.time(), "bytes": main.size}
 
     def restore(self, name: str) -> dict:
-        """Recover both collections from the server's own snapshot files. The metadata snapshot
-        taken with `name` is the first one of the companion created at or after it."""
+        """Recover both collections from the snapshot files, through the API alone
+        (server_snapshots.py). The metadata snapshot taken with `name` is the first one of the
+        companion created at or after it."""
         with self._errors("list snapshots"):
             main = {s.name: s for s in self.client.list_snapshots(self.name)}
-            metas = sorted(self.client.list_snapshots(self.meta_name),
-                           key=lambda s: s.creation_time or "")
+            metas = self.client.list_snapshots(self.meta_name)
         if name not in main:
             raise StoreError(f"no snapshot {name} of {self.where}")
-        when = main[name].creation_time or ""
-        meta = next((s for s in metas if (s.creation_time or "") >= when), None)
-        with self._errors("recover snapshot"):
-            self.client.recover_snapshot(self.name, f"file://{SNAPSHOTS_DIR}/{self.name}/{name}",
-                                         wait=True)
-            if meta is not None:
-                self.client.recover_snapshot(
-                    self.meta_name, f"file://{SNAPSHOTS_DIR}/{self.meta_name}/{meta.name}",
-                    wait=True)
+        meta = companion(main[name], metas)
+        recover(self.client, self.cfg, self.where, [(self.name, main[name])] +
+                ([(self.meta_name, meta)] if meta is not None else []))
         return {"name": name, "collection": self.name, "points": self.count()}
 
 
@@ -383,11 +333,16 @@ class ServerBackend(Backend):
     kind = "server"
     shares_handles = True
 
-    def __init__(self, cfg: StoreConfig) -> None:
+    def __init__(self, cfg: StoreConfig, client: QdrantClient | None = None) -> None:
+        """`client`: tests only, an already-made client to use instead of connecting (it is
+        never closed here); without one, TEST_CLIENTS is consulted, then cfg.url connected to."""
         self.cfg = cfg
-        self.client = QdrantClient(url=cfg.url, api_key=cfg.api_key, prefer_grpc=cfg.prefer_grpc,
-                                   timeout=max(1, int(cfg.timeout)), check_compatibility=False)
-        self._probe = ServerStore(cfg, self.client, "-")   # its error mapping, no collection
+        given = client if client is not None else TEST_CLIENTS.get(cfg.location)
+        self.owns_client = given is None
+        self.client = given if given is not None else QdrantClient(
+            url=cfg.url, api_key=cfg.api_key, prefer_grpc=cfg.prefer_grpc,
+            timeout=max(1, int(cfg.timeout)), check_compatibility=False)
+        self._probe = self._store("-")   # its error mapping, no collection
         with self._probe._errors("connect"):   # fail here, clearly, rather than mid-command
             self.client.get_collections()
 
@@ -398,7 +353,10 @@ class ServerBackend(Backend):
     def open(self, collection: str | None = None) -> ServerStore:
         name = check_name(collection or self.cfg.collection, "collection")
         # An alias resolves once, at open: the companion metadata follows the real name.
-        return ServerStore(self.cfg, self.client, self.aliases().get(name, name))
+        return self._store(self.aliases().get(name, name))
+
+    def _store(self, name: str) -> ServerStore:
+        return ServerStore(self.cfg, self.client, name, owns_client=self.owns_client)
 
     def collections(self) -> list[str]:
         with self._probe._errors("list collections"):
@@ -406,7 +364,7 @@ class ServerBackend(Backend):
         return sorted(n for n in names if not n.endswith(META_SUFFIX) and n + META_SUFFIX in names)
 
     def metas(self) -> dict[str, dict]:
-        return {n: ServerStore(self.cfg, self.client, n).meta() or {} for n in self.collections()}
+        return {n: self._store(n).meta() or {} for n in self.collections()}
 
     def aliases(self) -> dict[str, str]:
         with self._probe._errors("list aliases"):
@@ -436,7 +394,8 @@ class ServerBackend(Backend):
         return target
 
     def close(self) -> None:
-        self.client.close()
+        if self.owns_client:
+            self.client.close()
 
     def snapshots(self, collection: str) -> list[dict]:
         name = self.aliases().get(collection, collection)

@@ -96,6 +96,26 @@ def breakdown(cfg: StoreConfig, jpg: bytes, n: int = 30) -> dict:
     return {k: round(1000 * statistics.median(v), 2) for k, v in parts.items()}
 
 
+def handover(cfg: StoreConfig, url: str, request, n: int = 10) -> dict:
+    """How long a writer waits for serve, which holds the collection, to let go (after a request,
+    then 0.3 s idle); then the next request, which opens the collection again."""
+    give, back = [], []
+    with httpx.Client(timeout=60) as c:
+        for _ in range(n):
+            request(c)
+            time.sleep(0.3)
+            t0 = time.perf_counter()
+            writer = open_store(StoreConfig(path=cfg.path, collection=cfg.collection,
+                                            busy_wait=10))
+            give.append(time.perf_counter() - t0)
+            writer.close()
+            t0 = time.perf_counter()
+            if request(c).status_code != 200:
+                raise RuntimeError("serve did not take the collection back")
+            back.append(time.perf_counter() - t0)
+    return {"writer_waits": pct(give), "next_request": pct(back)}
+
+
 def synthetic(src: StoreConfig, dst: StoreConfig, n: int) -> None:
     """A collection of n random points with src's metadata (skipped when it is there)."""
     with open_store(src) as s:
@@ -140,6 +160,7 @@ def run(cfg: StoreConfig, label: str, jpg: bytes, n: int) -> dict:
         for name, fn in (("search_upload", upload), ("search_by_id", by_id), ("phi", phi)):
             out[name] = {"sequential": timed(fn, n, 1), "clients_8": timed(fn, n, 8)}
             print(label, name, json.dumps(out[name]), file=sys.stderr, flush=True)
+        out["handover_to_writer"] = handover(cfg, url, by_id)
     out["upload_breakdown_ms"] = breakdown(cfg, jpg)
     return out
 

@@ -1,4 +1,5 @@
-"""The read side's commands: query (and eval). Heavy imports inside the commands."""
+"""The read side's commands: eval, reconstruct, analyze, serve (query: cli_query.py). Heavy
+imports inside the commands."""
 
 from __future__ import annotations
 
@@ -15,87 +16,12 @@ from phisearch.indexer.cli.common import (
     StagedProgress,
     StoreOpt,
     UrlOpt,
-    UsageError,
     UserError,
     emit_json,
     store_config,
     warn_if_missing,
     where,
 )
-
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1   # Qdrant's integer payloads (store.INT64_*)
-
-
-def query(
-    image: Annotated[Path | None, typer.Argument(help="An image file to search with.")] = None,
-    key: Annotated[str | None, typer.Option("--key", help="Search from an indexed sample.")] = None,
-    point_id: Annotated[str | None, typer.Option("--id", help="Search from a point id.")] = None,
-    k: Annotated[int, typer.Option("-k", "--limit", min=1, max=1000)] = 10,
-    label: Annotated[int | None, typer.Option("--label", help="Only hits with this label.")] = None,
-    cluster: Annotated[int | None, typer.Option("--cluster", help="Only this cluster.")] = None,
-    dataset: Annotated[str | None, typer.Option("--dataset")] = None,
-    explain: Annotated[bool, typer.Option("--explain", help="Channels behind each match.")] = False,
-    store: StoreOpt = None,
-    qdrant_url: UrlOpt = None,
-    api_key: ApiKeyOpt = None,
-    collection: CollectionOpt = "phisearch",
-    device: DeviceOpt = "cpu",
-    json_out: JsonOpt = False,
-) -> None:
-    """Top-k nearest images by φ distance (Euclidean), from an image file, a key or an id.
-
-    Example: idx query photo.jpg -k 5 --json
-    """
-    from phisearch.indexer.model.embedder import Embedder
-    from phisearch.indexer.sources import images
-    from phisearch.indexer.store import open_store
-
-    from . import query as q
-
-    if sum(x is not None for x in (image, key, point_id)) != 1:
-        raise typer.BadParameter("give exactly one of IMAGE, --key, --id")
-    for name, value in (("--label", label), ("--cluster", cluster)):
-        if value is not None and not INT64_MIN <= value <= INT64_MAX:
-            raise UsageError(f"{name} {value} is out of range: Qdrant integers are 64-bit")
-    scfg = store_config(store, qdrant_url, api_key, collection)
-    flt = {k_: v for k_, v in (("label", label), ("cluster_id", cluster), ("dataset", dataset))
-           if v is not None}
-    with open_store(scfg) as st:
-        meta = q.require_meta(st, where(scfg))
-        try:
-            if image is not None:
-                if not image.is_file():
-                    raise UserError(f"no such image file: {image}")
-                target = q.target_from_image(image.read_bytes(), Embedder.from_meta(meta, device))
-            elif key is not None:
-                target = q.target_from_key(st, key, meta["sparse_dim"], dataset)
-            else:
-                target = q.target_from_id(st, point_id, meta["sparse_dim"])
-        except images.BadImage as e:
-            raise UserError(f"{image}: {e}") from None
-        except q.NotFound as e:
-            raise UserError(str(e)) from None
-        hits = q.search(st, target, k, flt or None)
-        rows = [q.hit_json(h) for h in hits]
-        if explain and hits:
-            full = {h.id: h for h in st.retrieve([h.id for h in hits], with_vectors=True)}
-            for row in rows:
-                other = q.target_from_hit(full[row["id"]], meta["sparse_dim"])
-                row["explain"] = q.explain(target.mid, other.mid)
-    if json_out:
-        emit_json({"hits": rows, "query": {"image": str(image) if image else None, "key": key,
-                                           "id": point_id}})
-        return
-    if not rows:
-        typer.echo("no hits")
-    for i, r in enumerate(rows, 1):
-        typer.echo(f"{i:3d}  {r['distance']:9.4f}  {r['key']}  label={r['label']} "
-                   f"({r['label_name']})  cluster={r['cluster_id']}")
-        if explain:
-            ex = r["explain"]
-            drivers = ", ".join(f"c{d['channel']} {d['share']:.0%}" for d in ex["drivers"][:4])
-            shared = ", ".join(f"c{d['channel']}" for d in ex["shared"][:6])
-            typer.echo(f"       drivers: {drivers}; shared: {shared}")
 
 
 def _floats(text: str, what: str) -> list[float]:
@@ -126,10 +52,15 @@ def eval_cmd(
         "--sigma", min=0, help="σ of `phi` (default: the checkpoint's, else 0.2).")] = None,
     phi_draws: Annotated[int | None, typer.Option(
         "--phi-draws", min=1, help="Draws of `phi` (default: the checkpoint's, else 4).")] = None,
-    sigmas: Annotated[str, typer.Option(
-        "--sigmas", help="Extra σ settings, comma-separated ('' for none).")] = "0.1,0.2,0.4",
-    draws: Annotated[str, typer.Option(
-        "--draws", help="Extra draws settings, crossed with --sigmas.")] = "1,4",
+    sweep: Annotated[bool, typer.Option(
+        "--sweep", help="Also score φ at other (σ, draws) settings, --sigmas x --draws: one φ "
+        "pass each (about 5 min each on the 13k-image held-out sets on a CPU).")] = False,
+    sigmas: Annotated[str | None, typer.Option(
+        "--sigmas", help="The sweep's σ values, comma-separated (implies --sweep; default "
+        "0.1,0.2,0.4).")] = None,
+    draws: Annotated[str | None, typer.Option(
+        "--draws", help="The sweep's draws, crossed with --sigmas (implies --sweep; default "
+        "1,4).")] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
     device: DeviceOpt = "auto",
@@ -142,13 +73,15 @@ def eval_cmd(
         "--markdown", help="Also write the markdown table here.")] = None,
 ) -> None:
     """Retrieval (kNN, p@10, mAP) and clustering (NMI, ARI, purity) of φ beside its baselines:
-    raw and 16x16 pixels, the same network untrained, the paper's readout, σ = 0 and other
-    (σ, draws). Vectors are computed from the shards; no index is needed.
+    raw and 16x16 pixels, the same network untrained, the paper's readout, σ = 0; with --sweep
+    also other (σ, draws). Vectors are computed from the shards; no index is needed.
 
-    Example: idx eval --queries imagenette-test-000000.tar
-    --gallery 'imagenette-train-{000000..000004}.tar' --json
+    \b
+    Example: idx eval --queries imagenette-test-000000.tar \\
+      --gallery 'imagenette-train-{000000..000004}.tar' --json
 
-    (Over 80 lines because its 20 options are its signature; the work is search.evaluate.)
+    \f
+    (Over 80 lines because its 21 options are its signature; the work is search.evaluate.)
     """
     import json
 
@@ -156,8 +89,11 @@ def eval_cmd(
 
     from . import evaluate as ev
 
-    extra = tuple((s, int(d)) for s in _floats(sigmas, "--sigmas")
-                  for d in _floats(draws, "--draws"))
+    extra = ()
+    if sweep or sigmas is not None or draws is not None:
+        extra = tuple((s, int(d))
+                      for s in _floats("0.1,0.2,0.4" if sigmas is None else sigmas, "--sigmas")
+                      for d in _floats("1,4" if draws is None else draws, "--draws"))
     if any(d < 1 for _, d in extra) or any(s < 0 for s, _ in extra):
         raise typer.BadParameter("σ must be >= 0 and draws >= 1", param_hint="--sigmas/--draws")
     settings = ev.EvalSettings(
@@ -170,6 +106,8 @@ def eval_cmd(
                              on_progress)
     from .eval_report import markdown as to_markdown
 
+    for w in result["warnings"]:
+        typer.echo(f"warning: {w}", err=True)
     table = to_markdown(result)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -217,8 +155,10 @@ def reconstruct(
     --image and --vector use --checkpoint (default: the shipped model) and need no store;
     --id, --key and --cluster read the collection and use its model and φ settings.
 
+    \b
     Example: idx reconstruct --image photo.jpg -n 8 --out grid.png --json
 
+    \f
     (Over 80 lines because its 21 options are its signature; the body resolves the target in
     _file_target / _stored_target.)
     """
@@ -282,10 +222,10 @@ def _file_target(image: Path | None, vector: Path | None, emb):
     from phisearch.indexer.sources import images
 
     from . import reconstruct as rc
+    from .cli_query import _check_image_path
 
     if image is not None:
-        if not image.is_file():
-            raise UserError(f"no such image file: {image}")
+        _check_image_path(image)
         try:
             first = images.decode(image.read_bytes())
         except images.BadImage as e:
@@ -309,8 +249,8 @@ def _stored_target(scfg, point_id: str | None, key: str | None, cluster: int | N
     from . import reconstruct as rc
 
     with open_store(scfg) as st:
-        meta = q.require_meta(st, where(scfg))
         try:
+            meta = q.require_meta(st)
             if cluster is not None:
                 return meta, rc.cluster_centroid(st.get_doc(CLUSTERS_DOC), cluster), None
             t = (q.target_from_key(st, key, meta["sparse_dim"], dataset) if key is not None
@@ -338,6 +278,7 @@ def analyze(
     """The paper's analyses (SPEC §3) on any checkpoint: sparsity per block, stability across
     noise, channel selectivity, union of subspaces; PNGs plus a self-contained report.html.
 
+    \b
     Example: idx analyze --data imagenette-test-000000.tar --images 256 --out docs/analyze
     """
 
@@ -383,6 +324,7 @@ def serve(
     Uploads are embedded with the collection's own model and φ settings. With an Edge store,
     each request opens and closes it, so idx build can run meanwhile (requests then get 503).
 
+    \b
     Example: idx serve --store ~/.phisearch/store --port 8000
     (then: curl -F file=@photo.jpg 'http://127.0.0.1:8000/search?k=5')
     """
@@ -400,6 +342,8 @@ def serve(
 
 
 def register(app: typer.Typer) -> None:
+    from .cli_query import query
+
     app.command()(query)
     app.command()(serve)
     app.command()(reconstruct)

@@ -38,6 +38,8 @@ def markdown(result: dict[str, Any]) -> str:
                  f"self-matches left out: {s['excluded_self_matches']}")
     for rep, note in s["whitening"].items():
         lines.append(f"- whitening of `{rep}`: {note}")
+    for warning in result.get("warnings", ()):
+        lines.append(f"- **warning**: {warning}")
     lines.append(f"- total {result['seconds']['total']:.0f} s; img/s = φ pass speed on this "
                  f"machine ({s['device']}, {s['torch_threads']} torch threads)")
     header = ("| representation | knn@1 | knn@10 | p@10 | mAP | NMI | ARI | purity "

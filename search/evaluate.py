@@ -36,6 +36,9 @@ from phisearch.indexer.sources.shards import expand
 from phisearch.search.metrics import score
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
+# `idx eval --sweep`: φ at other (σ, draws) settings, one pass each (about 5 min each on the
+# 13k-image held-out sets on one CPU); the default runs the baselines only.
+SWEEP = tuple((s, d) for s in (0.1, 0.2, 0.4) for d in (1, 4))
 
 
 @dataclass(frozen=True)
@@ -44,9 +47,8 @@ class EvalSettings:
     sigma: float | None = None
     draws: int | None = None
     seed: int = 0
-    # Extra (σ, draws) settings with the default readout, named phi_s{σ}_d{draws}.
-    extra: tuple[tuple[float, int], ...] = tuple(
-        (s, d) for s in (0.1, 0.2, 0.4) for d in (1, 4))
+    # Extra (σ, draws) settings with the default readout, named phi_s{σ}_d{draws} (SWEEP).
+    extra: tuple[tuple[float, int], ...] = ()
     # Readouts compared at the default (σ, draws), for the trained and the untrained network.
     readouts: tuple[str, ...] = ("mid", "blocks", "mid+white64", "blocks+white64",
                                  "blocks+white64+l2", "blocks+white128+l2")
@@ -170,6 +172,7 @@ class _Run:
         self.untrained = _Net("random_init", u.model, u.sha256)
         self.passes: dict[str, dict] = {}
         self.whitening_notes: dict[str, str] = {}
+        self.small_gallery: dict[int, list[str]] = {}   # K -> representations with N <= K
         self.vectors: dict[str, tuple[np.ndarray, np.ndarray]] = {}   # rep -> (queries, gallery)
 
     def report(self, stage: str, done: int, total: int) -> None:
@@ -224,6 +227,7 @@ class _Run:
                 except ValueError:
                     w = None
             if w is None:
+                self.check_gallery(rep, spec.white)
                 w = Whitening.fit(x[self.nq:], spec.white)
                 self.whitening_notes[rep] = (f"fitted on the gallery vectors "
                                              f"(N={len(x) - self.nq}, K={w.proj.shape[1]})")
@@ -257,10 +261,24 @@ class _Run:
             x = pixel_vectors(self.all_img, side)
             self.vectors[rep] = (x[:nq], x[nq:])
         x = pixel_vectors(self.all_img, 16)
+        self.check_gallery("pixels16+white64", 64)
         w = Whitening.fit(x[nq:], 64)
         self.vectors["pixels16+white64"] = (w.apply(x[:nq]), w.apply(x[nq:]))
         self.whitening_notes["pixels16+white64"] = \
             f"fitted on the gallery vectors (N={len(x) - nq}, K=64)"
+
+    def check_gallery(self, rep: str, k: int) -> None:
+        """Note a whitening to K dims fitted on N <= K gallery vectors: the whitened gallery
+        is then nearly equidistant and its scores say nothing."""
+        if len(self.g_img) <= k:
+            self.small_gallery.setdefault(k, []).append(rep)
+
+    def warnings(self) -> list[str]:
+        n = len(self.g_img)
+        return [f"the gallery has {n} images, too few for a whitening to K={k} (N <= K): the "
+                f"scores of {', '.join(reps)} are meaningless; use a gallery of well over {k} "
+                "images (--gallery, --limit-gallery)"
+                for k, reps in sorted(self.small_gallery.items())]
 
     def score_all(self) -> tuple[dict, dict]:
         reps: dict[str, dict[str, float]] = {}
@@ -355,7 +373,7 @@ def evaluate(checkpoint: str | ckpt.Checkpoint | None, query_urls: Sequence[str]
     return {
         "checkpoint": str(c.path) if c.path else c.name, "model_sha256": c.sha256,
         "readout": label, "representations": reps, "separation": seps,
-        "img_per_s": img_per_s, "settings": s_dict,
+        "img_per_s": img_per_s, "settings": s_dict, "warnings": run.warnings(),
         "seconds": {k: (round(v, 3) if isinstance(v, float) else
                         {kk: round(vv, 3) for kk, vv in v.items()})
                     for k, v in run.seconds.items()},

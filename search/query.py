@@ -7,32 +7,77 @@ searchable after a default changes.
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 
 import numpy as np
+from phisearch.indexer.manage.aliases import missing_collection
 from phisearch.indexer.model.embedder import Embedder, dense_of
 from phisearch.indexer.sources import images
-from phisearch.indexer.store import Hit, Store
+from phisearch.indexer.store import CLUSTERS_DOC, Hit, Store
 
-HIT_KEYS = ("key", "label", "label_name", "cluster_id", "dataset", "shard")
+# `path`: a folder file's location (null for shard samples), so a hit can be opened.
+HIT_KEYS = ("key", "label", "label_name", "cluster_id", "dataset", "shard", "path")
 
 
 class NotFound(LookupError):
     pass
 
 
-def require_meta(store: Store, where: str) -> dict:
+def require_meta(store: Store, where: str = "") -> dict:
+    """The collection's metadata; a missing one names the collections that do exist."""
     meta = store.meta()
     if meta is None:
-        raise NotFound(f"no collection in {where}: run `idx build --data ...` first")
+        raise NotFound(missing_collection(store.cfg))
     return meta
 
 
 def hit_json(h: Hit) -> dict:
-    """The CONTRACT's hit shape: id, key, label, label_name, distance, cluster_id (+ a few)."""
+    """The CONTRACT's hit shape: id, key, label, label_name, distance, cluster_id (+ dataset,
+    shard and path); every key is present, null when the point has no value."""
     out = {"id": h.id, "distance": round(float(h.distance), 6)}
     out.update({k: h.payload.get(k) for k in HIT_KEYS})
     return out
+
+
+def hit_line(rank: int, row: dict) -> str:
+    """One hit for the terminal: rank, distance, key, then only what the point has (a label,
+    a cluster, a folder file's path); never "label=None (None)"."""
+    parts = [f"{rank:3d}  {row['distance']:9.4f}  {row['key']}"]
+    if row.get("label") is not None:
+        name = row.get("label_name")
+        parts.append(f"label={row['label']}" + (f" ({name})" if name else ""))
+    if row.get("cluster_id") is not None:
+        parts.append("noise" if row["cluster_id"] < 0 else f"cluster={row['cluster_id']}")
+    if row.get("path"):
+        parts.append(row["path"])
+    return "  ".join(parts)
+
+
+FILTER_NAMES = {"label": "label", "cluster_id": "cluster", "dataset": "dataset"}
+
+
+def why_no_match(store: Store, flt: dict | None) -> str | None:
+    """Why a filtered search found nothing, in one line (None when some point matches, or
+    without a filter): a cluster filter on an unclustered collection, a value no point has,
+    or conditions that each match but never together."""
+    if not flt or store.count(flt):
+        return None
+    clusters = store.get_doc(CLUSTERS_DOC) if "cluster_id" in flt else None
+    for field, value in flt.items():
+        name = FILTER_NAMES.get(field, field)
+        if field == "cluster_id" and clusters is None:
+            return (f"cluster {value} cannot match: the collection is not clustered yet "
+                    "(run `idx cluster`)")
+        if store.count({field: value}):
+            continue
+        if field == "cluster_id":
+            n = len(clusters.get("clusters", []))
+            have = f"clusters 0..{n - 1} and -1 (noise)" if n else "only -1 (noise)"
+            return f"cluster {value} cannot match: the last `idx cluster` made {have}"
+        return f"{name} {value!r} cannot match: no point in the collection has it"
+    together = " and ".join(f"{FILTER_NAMES.get(f, f)} {v!r}" for f, v in flt.items())
+    return f"no point has {together} together"
 
 
 @dataclass
@@ -57,6 +102,10 @@ def target_from_hit(h: Hit, sparse_dim: int) -> Target:
 
 
 def target_from_id(store: Store, point_id: str, sparse_dim: int) -> Target:
+    try:
+        uuid.UUID(point_id)
+    except ValueError:   # the store would fail on it with an error about its own parser
+        raise NotFound(f"no point with id {point_id}: point ids are UUIDs") from None
     hits = store.retrieve([point_id], with_vectors=True)
     if not hits:
         raise NotFound(f"no point with id {point_id}")

@@ -7,8 +7,11 @@ Endpoints (all JSON):
                   settings (Embedder.from_meta): {"phi", "phi_sparse": {"indices", "values"},
                   "model_sha256", "readout", "sigma", "draws", "seed"}
   POST /search    an image, ?k=&label=&cluster=&dataset= -> {"hits": [CONTRACT hit shape]}
-Errors: 413 body over max_bytes; 400 undecodable bytes (empty, not an image, corrupt); 422 a
-decodable but unusable image (too small / too many pixels); 503 busy or no collection.
+  GET  /          the endpoints, and where the OpenAPI schema is (/docs is off: serve_api.py)
+Errors, all {"error", "message", "reason"} (serve_api.py): 413 body over max_bytes; 400
+undecodable bytes (empty, not an image, corrupt); 422 a decodable but unusable image (too small /
+too many pixels), an invalid or unknown query parameter; 404 no such point or route; 503 busy or
+no collection. A filter that matches no point gives 200 with no hits and `why_empty`.
 
 Edge ownership (Qdrant Edge allows one open handle per shard, STACK.md): serve holds the
 collection between requests (reopening costs ~140 ms at 13k points) and hands it over when
@@ -30,11 +33,12 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, replace
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse
+from phisearch.indexer.manage.aliases import missing_collection
 from phisearch.indexer.model.embedder import Embedder, sparse_of
 from phisearch.indexer.sources import images
 from phisearch.indexer.store import (
@@ -49,21 +53,15 @@ from phisearch.indexer.store.holder import StoreHolder
 from starlette.concurrency import run_in_threadpool
 
 from . import query as q
+from .serve_api import SEARCH_BODY, UPLOAD_BODY, ApiError, check_params, install
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_BYTES = 20 * 1024 * 1024     # default request body limit
 UNDECODABLE = {"empty", "not_an_image", "corrupt_image"}   # -> 400; other BadImage -> 422
+SEARCH_PARAMS = ("k", "label", "cluster", "dataset", "id")
 _IDENTITY = ("model_sha256", "checkpoint", "readout", "sigma", "draws", "seed")
-
-
-class ApiError(Exception):
-    """An error that becomes one JSON response: {"error": code, "message": ...}."""
-
-    def __init__(self, status: int, code: str, message: str, **extra: Any) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message, self.extra = status, code, message, extra
 
 
 @dataclass(frozen=True)
@@ -98,19 +96,20 @@ class Service:
             with self.holder.use() as st:
                 yield st
         except StoreBusy as e:
-            raise ApiError(503, "busy", f"{e}; retry", retry_after=1) from None
+            raise ApiError(503, "busy", f"{e}; retry", reason="held_by_another_process",
+                           retry_after=1) from None
         except ApiError:
             raise
         except StoreError as e:
-            raise ApiError(503, "store_unavailable", str(e)) from None
+            raise ApiError(503, "store_unavailable", str(e), reason="store_error") from None
 
     def read(self, fn: Callable[[Store, dict], T]) -> T:
         """fn(store, meta) with the collection's metadata; 503 when there is no collection."""
         with self.store() as st:
             meta = st.meta()
             if meta is None:
-                raise ApiError(503, "no_collection", f"no collection in {self.where}: run "
-                               "`idx build --data ...` first")
+                raise ApiError(503, "no_collection", missing_collection(self.store_cfg),
+                               reason="not_built")
             return fn(st, meta)
 
     def embedder(self, meta: dict) -> Embedder:
@@ -123,7 +122,8 @@ class Service:
                     emb = Embedder.from_meta(meta, self.cfg.device)
                 except (ValueError, OSError, KeyError) as e:
                     raise ApiError(503, "model_unavailable",
-                                   f"cannot load the collection's model: {e}") from None
+                                   f"cannot load the collection's model: {e}",
+                                   reason="model_load_failed") from None
                 self._models[ident] = emb
                 log.info("loaded model %s for %s", emb.checkpoint.sha256[:12], self.where)
             return emb
@@ -168,8 +168,7 @@ class Service:
         def fn(st: Store, meta: dict) -> dict:
             dense, mid, _ = self.embed(data, meta)
             hits = q.search(st, q.Target(dense, mid), k, flt)
-            return {"hits": [q.hit_json(h) for h in hits], "query": {"k": k, "filter": flt or {}},
-                    "model_sha256": meta.get("model_sha256")}
+            return _answer(st, hits, {"k": k, "filter": flt or {}}, meta)
         return self.read(fn)
 
     def search_by_id(self, point_id: str, k: int, flt: dict | None) -> dict:
@@ -178,15 +177,22 @@ class Service:
             try:
                 target = q.target_from_id(st, point_id, meta["sparse_dim"])
             except q.NotFound as e:
-                raise ApiError(404, "not_found", str(e)) from None
+                raise ApiError(404, "not_found", str(e), reason="no_such_point") from None
             hits = q.search(st, target, k, flt)
-            return {"hits": [q.hit_json(h) for h in hits], "query": {"k": k, "filter": flt or {},
-                                                                     "id": point_id},
-                    "model_sha256": meta.get("model_sha256")}
+            return _answer(st, hits, {"k": k, "filter": flt or {}, "id": point_id}, meta)
         return self.read(fn)
 
     def close(self) -> None:
         self.holder.release()
+
+
+def _answer(st: Store, hits: list, query: dict, meta: dict) -> dict:
+    """/search's answer; no hits under a filter says why (q.why_no_match)."""
+    out = {"hits": [q.hit_json(h) for h in hits], "query": query,
+           "model_sha256": meta.get("model_sha256")}
+    if not hits and query["filter"]:
+        out["why_empty"] = q.why_no_match(st, query["filter"])
+    return out
 
 
 async def read_body(request: Request, max_bytes: int) -> bytes:
@@ -194,13 +200,13 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise ApiError(413, "too_large", f"request body of {int(declared)} bytes is over the "
-                       f"limit of {max_bytes} bytes", max_bytes=max_bytes)
+                       f"limit of {max_bytes} bytes", reason="max_bytes", max_bytes=max_bytes)
     chunks, total = [], 0
     async for chunk in request.stream():
         total += len(chunk)
         if total > max_bytes:
             raise ApiError(413, "too_large", f"request body is over the limit of {max_bytes} "
-                           "bytes", max_bytes=max_bytes)
+                           "bytes", reason="max_bytes", max_bytes=max_bytes)
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -218,7 +224,8 @@ async def image_bytes(request: Request, max_bytes: int) -> bytes:
     try:
         form = await Request(request.scope, replay).form()
     except Exception as e:  # noqa: BLE001 - any malformed form is the client's error
-        raise ApiError(400, "bad_form", f"cannot parse the multipart form: {e}") from None
+        raise ApiError(400, "bad_form", f"cannot parse the multipart form: {e}",
+                       reason="malformed_multipart") from None
     try:
         for _, value in form.multi_items():
             if hasattr(value, "read"):
@@ -226,7 +233,7 @@ async def image_bytes(request: Request, max_bytes: int) -> bytes:
     finally:
         await form.close()
     raise ApiError(400, "no_file", "the multipart form holds no file: send the image as a file "
-                   "field (curl -F file=@photo.jpg) or as the raw body")
+                   "field (curl -F file=@photo.jpg) or as the raw body", reason="no_file_field")
 
 
 def create_app(store_cfg: StoreConfig, device: str = "cpu", max_bytes: int = MAX_BYTES,
@@ -247,31 +254,28 @@ def create_app(store_cfg: StoreConfig, device: str = "cpu", max_bytes: int = MAX
         yield
         svc.close()
 
-    app = FastAPI(title="phisearch", lifespan=lifespan,
-                  description="φ of an image and nearest neighbours, with the collection's model.")
+    # docs_url/redoc_url None: those pages load their scripts from a CDN (serve_api.py)
+    app = FastAPI(title="phisearch", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  description="φ of an image and nearest neighbours, with the collection's model. "
+                  "Errors: {\"error\", \"message\", \"reason\"}.")
     app.state.service = svc
-
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, e: ApiError) -> JSONResponse:
-        headers = {"Retry-After": str(e.extra["retry_after"])} if "retry_after" in e.extra \
-            else None
-        return JSONResponse({"error": e.code, "message": e.message, **e.extra},
-                            status_code=e.status, headers=headers)
+    install(app)
 
     @app.get("/healthz")
-    async def healthz() -> JSONResponse:
+    async def healthz(request: Request) -> JSONResponse:
+        check_params(request, ())
         try:
             return JSONResponse(await run_in_threadpool(svc.health))
         except ApiError as e:
-            return JSONResponse({"status": "unhealthy", "reason": e.message, "error": e.code},
-                                status_code=503)
+            return JSONResponse({"status": "unhealthy", **e.body()}, status_code=503)
 
-    @app.post("/phi")
+    @app.post("/phi", openapi_extra=UPLOAD_BODY)
     async def phi(request: Request) -> dict:
+        check_params(request, ())
         data = await image_bytes(request, svc.cfg.max_bytes)
         return await run_in_threadpool(svc.phi, data)
 
-    @app.post("/search")
+    @app.post("/search", openapi_extra=SEARCH_BODY)
     async def search(request: Request,
                      k: int = Query(10, ge=1, le=1000, description="hits to return"),
                      label: int | None = Query(None, ge=INT64_MIN, le=INT64_MAX,
@@ -281,6 +285,7 @@ def create_app(store_cfg: StoreConfig, device: str = "cpu", max_bytes: int = MAX
                      dataset: str | None = Query(None, description="only this dataset"),
                      id: str | None = Query(None, description="search from this stored point "
                                             "instead of an uploaded image")) -> dict:
+        check_params(request, SEARCH_PARAMS)
         flt = {key: v for key, v in (("label", label), ("cluster_id", cluster),
                                      ("dataset", dataset)) if v is not None}
         if id is not None:

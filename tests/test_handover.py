@@ -99,7 +99,9 @@ def test_serve_holds_by_default_and_hands_over_to_a_writer(store):
             open_store(StoreConfig(path=store.path, busy_wait=0))
         t = time.monotonic()
         writer = open_store(StoreConfig(path=store.path, busy_wait=5))
-        assert time.monotonic() - t < 1.0, "serve did not let go within a second"
+        # ~0.25 s on a quiet machine (bench/serve_latency.py measures it); 2 s leaves room for a
+        # loaded CI host, where the holder's watcher thread and Edge's close wait for a core.
+        assert time.monotonic() - t < 2.0, "serve did not let go within two seconds"
         try:
             r = httpx.post(f"{url}/search", params={"id": pid, "k": 3}, timeout=30)
             assert r.status_code == 503 and r.headers["retry-after"] == "1"

@@ -19,6 +19,7 @@ import httpx
 import numpy as np
 import pytest
 import uvicorn
+from conftest import SERVER_KINDS, drop, store_place
 from phisearch.indexer.build.pipeline import BuildConfig, build
 from phisearch.indexer.manage.cluster import ClusterConfig, cluster
 from phisearch.indexer.model.config import PhiConfig
@@ -204,7 +205,7 @@ def test_busy_edge_store_is_503_and_serve_hands_the_store_over(built, base_url):
         t = time.monotonic()
         r = httpx.get(f"{base_url}/healthz", timeout=30)
         assert r.status_code == 503 and r.json()["status"] == "unhealthy"
-        assert "in use by another process" in r.json()["reason"]
+        assert "in use by another process" in r.json()["message"]
         assert time.monotonic() - t < 0.5 + 2.0   # busy_wait 0.5 s, then the answer
         r = httpx.post(f"{base_url}/search", content=raws[0]["jpg"], timeout=30)
         assert r.status_code == 503 and r.json()["error"] == "busy"
@@ -221,8 +222,8 @@ def test_missing_collection_is_503(tmp_path):
     app = create_app(StoreConfig(path=str(tmp_path / "empty"), collection="phisearch"))
     with serving(app) as url:
         r = httpx.get(f"{url}/healthz", timeout=30)
-        assert r.status_code == 503 and "no collection" in r.json()["reason"]
-        assert "idx build" in r.json()["reason"]
+        assert r.status_code == 503 and "no collection" in r.json()["message"]
+        assert "idx build" in r.json()["message"]
         r = httpx.post(f"{url}/search", content=b"x", timeout=30)
         assert r.status_code == 503 and r.json()["error"] == "no_collection"
 
@@ -268,22 +269,18 @@ def test_hold_keeps_the_edge_handle_only_while_requests_come(built):
             assert st.count() == 100
 
 
-@pytest.mark.server
-def test_serve_on_a_qdrant_server(built, mini_shard):
-    """The same endpoints over a server collection (QDRANT_URL); skipped without one."""
-    url = os.environ.get("QDRANT_URL")
-    if not url:
-        pytest.skip("QDRANT_URL not set: no Qdrant server on this machine")
-    import uuid
-
+@pytest.mark.parametrize("kind", SERVER_KINDS)
+def test_serve_on_a_qdrant_server(built, mini_shard, kind, request, tmp_path):
+    """The same endpoints over a server collection built by the pipeline: the server backend
+    over qdrant-client's local mode here (uvicorn runs in this process), QDRANT_URL's too."""
     edge_cfg, raws = built
     with open_store(edge_cfg) as st:
         checkpoint = st.meta()["checkpoint"]
-    cfg = StoreConfig(url=url, api_key=os.environ.get("QDRANT_API_KEY"),
-                      collection=f"test_serve_{uuid.uuid4().hex[:8]}")
+    cfg = store_place(request, kind, tmp_path)
     build(BuildConfig(data=(mini_shard,), store=cfg, checkpoint=checkpoint,
                       phi=PhiConfig(sigma=0.2, draws=2, seed=0), batch_size=50, workers=0,
                       device="cpu"))
+    cluster(cfg, ClusterConfig(method="kmeans", k=3, preprocess="raw"))
     try:
         with serving(create_app(cfg)) as base:
             h = httpx.get(f"{base}/healthz", timeout=30).json()
@@ -291,6 +288,27 @@ def test_serve_on_a_qdrant_server(built, mini_shard):
             r = httpx.post(f"{base}/search", params={"k": 3}, content=raws[0]["jpg"], timeout=60)
             assert r.status_code == 200 and r.json()["hits"][0]["key"] == raws[0]["__key__"]
             assert r.json()["hits"][0]["distance"] < 1e-3
+            first = r.json()["hits"][0]
+            # the same search on the Edge build of the same images and model: the same ranking
+            with serving(create_app(edge_cfg, warm=False)) as edge_base:
+                e = httpx.post(f"{edge_base}/search", params={"k": 10}, content=raws[0]["jpg"],
+                               timeout=60).json()["hits"]
+            s = httpx.post(f"{base}/search", params={"k": 10}, content=raws[0]["jpg"],
+                           timeout=60).json()["hits"]
+            assert [x["id"] for x in s] == [x["id"] for x in e]
+            np.testing.assert_allclose([x["distance"] for x in s], [x["distance"] for x in e],
+                                       atol=1e-4)
+            # filters reach the server: label and cluster of the first hit
+            r = httpx.post(f"{base}/search", params={"k": 100, "label": first["label"],
+                                                     "cluster": first["cluster_id"]},
+                           content=raws[0]["jpg"], timeout=60)
+            hits = r.json()["hits"]
+            with open_store(cfg) as st:
+                n = st.count({"label": first["label"], "cluster_id": first["cluster_id"]})
+            assert r.status_code == 200 and len(hits) == n >= 1
+            assert all((x["label"], x["cluster_id"]) == (first["label"], first["cluster_id"])
+                       for x in hits)
+            r = httpx.post(f"{base}/search", params={"id": first["id"], "k": 3}, timeout=60)
+            assert r.status_code == 200 and r.json()["hits"][0]["id"] == first["id"]
     finally:
-        with open_store(cfg) as st:
-            st.drop()
+        drop(cfg)

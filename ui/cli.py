@@ -12,8 +12,12 @@ from phisearch.indexer.cli.common import DEBUG, UsageError, UserError, setup_log
 from phisearch.search import cli as search_cli
 from phisearch.ui import commands as ui_commands
 
+# rich_markup_mode=None: click's plain help. Rich's option table cuts long option names at 80
+# columns (--halve-every-ep…) and shows <bool> on flags; the plain layout does neither
+# (tests/test_terminal.py).
 app = typer.Typer(
     name="idx", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    rich_markup_mode=None,
     help="phisearch: semantic image search on the sparse code of a diffusion denoiser.")
 
 
@@ -45,7 +49,7 @@ def main() -> None:
     """Entry point: usage errors exit 2 (Typer's own handling); other errors print one line and
     exit 1 (a traceback only with --debug)."""
     try:
-        app()
+        app(args=hoist_global_flags(sys.argv[1:]))
     except Exception as e:
         if DEBUG["on"]:
             raise
@@ -55,6 +59,20 @@ def main() -> None:
         kind = "" if isinstance(e, plain) else f"{type(e).__name__}: "
         typer.echo(f"error: {kind}{one_line(str(e))}", err=True)
         sys.exit(2 if isinstance(e, UsageError) else 1)
+
+
+GLOBAL_FLAGS = ("--debug",)
+
+
+def hoist_global_flags(args: list[str]) -> list[str]:
+    """`idx status --debug` as `idx --debug status`: people add --debug at the end of the
+    command that failed. Only flags (no value) are moved; nothing after a `--` is touched."""
+    end = args.index("--") if "--" in args else len(args)
+    moved = [a for a in args[:end] if a in GLOBAL_FLAGS]
+    if not moved or (args and args[0] in GLOBAL_FLAGS and len(moved) == 1):
+        return args
+    rest = [a for a in args[:end] if a not in GLOBAL_FLAGS] + args[end:]
+    return list(dict.fromkeys(moved)) + rest
 
 
 def one_line(message: str) -> str:

@@ -39,6 +39,7 @@ def ui(
 ) -> None:
     """Serve the search UI (Streamlit): search, explain, clusters, channels, reconstruct, index.
 
+    \b
     Example: idx ui --store ~/.phisearch/store --port 8501
     """
     env = dict(os.environ)

@@ -134,6 +134,8 @@ def status(store_cfg: StoreConfig) -> dict | None:
             "dim": meta.get("dim"),
             "backend": store.backend,
             "collection": store_cfg.collection,
+            "resolved_collection": store.name,   # the target when --collection is an alias
+            "pending": pending,
             "shards": {u: {k: v for k, v in r.items()} for u, r in records.items()},
             "folders": folders,
             "last_run": last,

@@ -8,8 +8,9 @@ import typer
 
 def register(app: typer.Typer) -> None:
     """Add the indexer's commands to the `idx` app (assembled in ui/cli.py)."""
-    from phisearch.indexer.cli import build, manage, train
+    from phisearch.indexer.cli import build, manage, status, train
 
     train.register(app)
     build.register(app)
+    status.register(app)
     manage.register(app)

@@ -1,4 +1,4 @@
-"""`idx build` and `idx status`. Thin: parse -> config -> library call."""
+"""`idx build`. Thin: parse -> config -> library call (`idx status` is in status.py)."""
 
 from __future__ import annotations
 
@@ -61,6 +61,7 @@ def build(
     resume: finished shards and unchanged files are skipped, unfinished and changed ones are
     redone, and the points of files deleted from a folder are removed.
 
+    \b
     Example: idx build --data 'imagenette-train-{000000..000009}.tar'
     Example: idx build --data ~/Pictures --watch
     Several GPUs: torchrun --nproc-per-node 4 -m phisearch.ui build --data ... --json
@@ -90,14 +91,12 @@ def build(
                       hash_files=hash_files)
     bar = progress(desc="build", disable=rank() != 0)   # rank 0 reports for all ranks
     summary = _run_build(cfg, run, bar, watch, distributed, json_out)
+    _final_postfix(bar, summary)   # the last callback came before the writer drained its queue
     bar.close()
     if summary is None:   # watching ended, or a distributed rank other than 0
         return
     failed = summary.get("shards_failed") or []
-    if json_out:
-        emit_json(summary)
-    else:
-        _print_build(summary)
+    (emit_json if json_out else _print_build)(summary)
     for f in failed:
         typer.echo(f"error: shard {f['shard']}: {f['reason']} ({f['detail']}); not recorded "
                    "as done", err=True)
@@ -132,6 +131,7 @@ def _run_build(cfg, run, bar, watch: bool, distributed: bool, json_out: bool) ->
             from phisearch.indexer.build.watch import watch as run_watch
 
             def on_sync(summary: dict) -> None:
+                _final_postfix(bar, summary)
                 bar.close()  # the initial sync's bar; later syncs print one line each
                 _print_sync(summary, json_out)
 
@@ -146,6 +146,13 @@ def _run_build(cfg, run, bar, watch: bool, distributed: bool, json_out: bool) ->
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _final_postfix(bar, summary: dict | None) -> None:
+    """The bar's last state shows what was stored: points are written in the background, so
+    the per-batch postfix lags behind by up to a queue of batches."""
+    if summary is not None and not bar.disable:
+        bar.set_postfix(written=summary["indexed"], skipped=sum(summary["skipped"].values()))
 
 
 def _print_build(summary: dict) -> None:
@@ -208,60 +215,5 @@ def _print_dry_run(s: dict, json_out: bool) -> None:
                    f"{f['deleted']} deleted, {f['unchanged']} unchanged")
 
 
-def status(
-    store: StoreOpt = None,
-    qdrant_url: UrlOpt = None,
-    api_key: ApiKeyOpt = None,
-    collection: CollectionOpt = "phisearch",
-    json_out: JsonOpt = False,
-) -> None:
-    """What the collection holds: points, shards done, skipped samples, settings, last run.
-
-    Example: idx status --json
-    """
-    from phisearch.indexer.build.summary import status as run
-    from phisearch.indexer.cli.common import where
-
-    scfg = store_config(store, qdrant_url, api_key, collection)
-    st = run(scfg)
-    if st is None:
-        raise UserError(f"no collection in {where(scfg)}: run `idx build --data ...` first")
-    from phisearch.indexer.manage.aliases import overview
-
-    st["collections"] = overview(scfg)
-    if json_out:
-        emit_json(st)
-        return
-    typer.echo(f"collection {collection} in {where(scfg)} ({st['backend']})")
-    typer.echo(f"points: {st['points']}   shards done: {st['shards_done']}   "
-               f"skipped: {sum(st['skipped'].values())} {st['skipped'] or ''}")
-    typer.echo(f"model {st['model_sha256'][:12]} ({st['checkpoint']}), readout {st['readout']}, "
-               f"sigma {st['sigma']}, draws {st['draws']}, seed {st['seed']}, "
-               f"schema v{st['schema_version']}")
-    if st.get("last_run"):
-        typer.echo(f"last run: {_last_run_line(st['last_run'])}")
-    if len(st["collections"]) > 1 or any(c["aliases"] for c in st["collections"]):
-        typer.echo("collections:")
-        for c in st["collections"]:
-            alias = f"  (aliases: {', '.join(c['aliases'])})" if c["aliases"] else ""
-            typer.echo(f"  {c['name']}: model {str(c['model_sha256'])[:12]} ({c['checkpoint']}), "
-                       f"readout {c['readout']}, sigma {c['sigma']}, draws {c['draws']}{alias}")
-
-
-def _last_run_line(lr: dict) -> str:
-    """A build that finished, was interrupted, or never got to its summary (killed)."""
-    if "indexed" not in lr:   # only the start-of-run record: killed or still running
-        since = time.strftime("%Y-%m-%d %H:%M", time.localtime(lr.get("running_since", 0)))
-        return (f"started {since} and did not finish (killed, or still running); "
-                f"{len(lr.get('pending', []))} shards were pending: rerun to resume")
-    line = f"{lr['indexed']} indexed at {lr.get('img_per_s', 0)} img/s"
-    if lr.get("interrupted"):
-        line += f", interrupted ({len(lr.get('pending', []))} shards pending: rerun to resume)"
-    if lr.get("shards_failed"):
-        line += f", {len(lr['shards_failed'])} shards failed"
-    return line
-
-
 def register(app: typer.Typer) -> None:
     app.command()(build)
-    app.command()(status)

@@ -104,6 +104,18 @@ def warn_if_missing(cfg: Any, consequence: str) -> None:
                err=True)
 
 
+def require_collection(cfg: Any) -> None:
+    """A reading command's collection must exist: else one line naming the collections and
+    aliases that do (nothing is opened, so a mistyped --store creates no folder)."""
+    from phisearch.indexer.manage.aliases import missing_collection
+    from phisearch.indexer.store import backend
+
+    with backend(cfg) as place:
+        if place.has(cfg.collection):
+            return
+    raise UserError(missing_collection(cfg))
+
+
 class StagedProgress:
     """One progress bar per stage for library callbacks shaped (stage, done, total): a new bar
     opens when the stage changes. Use as a context manager so the last bar is closed."""

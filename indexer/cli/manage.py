@@ -48,6 +48,7 @@ def remove(
     """Delete points (and the resume records of their shards, so a later build over the same
     data indexes them again). Asks before deleting unless --yes.
 
+    \b
     Example: idx remove --shard imagenette-train-000003.tar --yes
     """
     from phisearch.indexer.manage.remove import remove as run
@@ -80,19 +81,24 @@ def remove(
 
 
 snapshot_app = typer.Typer(help="Snapshots of a collection (Edge: a tar.gz in the store; "
-                           "server: Qdrant's snapshot API).", no_args_is_help=True)
+                           "server: Qdrant's snapshot API).", no_args_is_help=True,
+                           rich_markup_mode=None)   # plain help, as ui/cli.py says why
 
 
 @snapshot_app.command("create")
-def snapshot_create(store: StoreOpt = None, qdrant_url: UrlOpt = None, api_key: ApiKeyOpt = None,
+def snapshot_create(name: Annotated[str | None, typer.Argument(
+                        metavar="NAME", help="The snapshot's name (default: COLLECTION-UTC time; Edge only: a "
+                        "Qdrant server names its snapshots).")] = None,
+                    store: StoreOpt = None, qdrant_url: UrlOpt = None, api_key: ApiKeyOpt = None,
                     collection: CollectionOpt = "phisearch", json_out: JsonOpt = False) -> None:
     """Snapshot the collection (refused while a build holds an Edge store).
 
-    Example: idx snapshot create
+    \b
+    Example: idx snapshot create before-upgrade
     """
     from phisearch.indexer.manage.snapshots import create
 
-    info = create(store_config(store, qdrant_url, api_key, collection))
+    info = create(store_config(store, qdrant_url, api_key, collection), name)
     if json_out:
         emit_json(info)
         return
@@ -120,12 +126,14 @@ def snapshot_list(store: StoreOpt = None, qdrant_url: UrlOpt = None, api_key: Ap
 
 
 @snapshot_app.command("restore")
-def snapshot_restore(name: Annotated[str, typer.Argument(help="Snapshot name (idx snapshot list).")],
+def snapshot_restore(name: Annotated[str, typer.Argument(
+                         metavar="NAME", help="Snapshot name (idx snapshot list).")],
                      yes: YesOpt = False, store: StoreOpt = None, qdrant_url: UrlOpt = None,
                      api_key: ApiKeyOpt = None, collection: CollectionOpt = "phisearch",
                      json_out: JsonOpt = False) -> None:
     """Replace the collection with a snapshot: the same points, payloads and metadata.
 
+    \b
     Example: idx snapshot restore phisearch-20261125T150000-000 --yes
     """
     from phisearch.indexer.manage.snapshots import restore
@@ -145,17 +153,26 @@ def snapshot_restore(name: Annotated[str, typer.Argument(help="Snapshot name (id
 
 
 alias_app = typer.Typer(help="Aliases: build a new collection beside the live one, then switch "
-                        "a name over.", no_args_is_help=True)
+                        "a name over.", no_args_is_help=True, rich_markup_mode=None)
 
 
 @alias_app.command("set")
-def alias_set(alias: Annotated[str, typer.Argument(help="The name queries use.")],
-              target: Annotated[str, typer.Argument(help="The collection it should mean.")],
+def alias_set(alias: Annotated[str, typer.Argument(metavar="ALIAS",
+                                                   help="The name queries use.")],
+              target: Annotated[str, typer.Argument(metavar="TARGET",
+                                                    help="The collection it should mean.")],
               store: StoreOpt = None, qdrant_url: UrlOpt = None, api_key: ApiKeyOpt = None,
               json_out: JsonOpt = False) -> None:
-    """Point ALIAS at collection TARGET; every later open of ALIAS uses TARGET.
+    """Point ALIAS at collection TARGET; every later open of ALIAS uses TARGET. An alias
+    never shadows a collection, so give the live name to an alias from the start:
 
-    Example: idx alias set phisearch phisearch-v2
+    \b
+    Example:
+      idx build --collection photos-v1 --data ~/Pictures
+      idx alias set photos photos-v1
+      idx build --collection photos-v2 --data ~/Pictures --checkpoint new.safetensors
+      idx alias set photos photos-v2
+    (then idx query, idx serve and idx ui with --collection photos use photos-v2)
     """
     from phisearch.indexer.manage.aliases import set_alias
 
@@ -183,12 +200,21 @@ def alias_list(store: StoreOpt = None, qdrant_url: UrlOpt = None, api_key: ApiKe
 
 
 @alias_app.command("delete")
-def alias_delete(alias: Annotated[str, typer.Argument()], store: StoreOpt = None,
-                 qdrant_url: UrlOpt = None, api_key: ApiKeyOpt = None) -> None:
-    """Delete an alias (the collection stays)."""
+def alias_delete(alias: Annotated[str, typer.Argument(metavar="ALIAS",
+                                                      help="The alias to remove.")],
+                 store: StoreOpt = None, qdrant_url: UrlOpt = None, api_key: ApiKeyOpt = None,
+                 json_out: JsonOpt = False) -> None:
+    """Delete an alias (the collection stays).
+
+    \b
+    Example: idx alias delete photos --json
+    """
     from phisearch.indexer.manage.aliases import delete_alias
 
     target = delete_alias(store_config(store, qdrant_url, api_key, "phisearch"), alias)
+    if json_out:
+        emit_json({"alias": alias, "deleted": True, "collection": target})
+        return
     typer.echo(f"deleted alias {alias} (was -> {target})", err=True)
 
 
@@ -222,6 +248,7 @@ def cluster(
     """Cluster the stored φ vectors and write cluster_id / cluster_prob to every point (re-running
     replaces them); the summary (centroids, exemplars, channels) goes to the collection's docs.
 
+    \b
     Example: idx cluster --method kmeans --k 50 --json
     """
     from phisearch.indexer.manage.cluster import METHODS, PREPROCESS, SELECTIONS, ClusterConfig
@@ -273,6 +300,7 @@ def export(
     """Copy an Edge collection (points, vectors, payloads, resume records, clusters) into a Qdrant
     server, or another Edge folder. Rerun to resume: points already there are skipped.
 
+    \b
     Example: idx export --store ~/.phisearch/store --to-url http://qdrant:6333 --json
     """
     from phisearch.indexer.manage.export import ExportConfig

@@ -52,6 +52,7 @@ def train(
 ) -> None:
     """Train the denoiser on WebDataset shards, or resume the run in OUT.
 
+    \b
     Example: idx train --data 'imagenette-train-{000000..000009}.tar' --out runs/s64 --minutes 45
     """
     from phisearch.indexer.train.loop import SIGMA_DISTS, TrainConfig
@@ -92,6 +93,7 @@ def denoise_eval(
 ) -> None:
     """PSNR (dB) of the noisy input, the denoiser and the best Gaussian blur, per σ.
 
+    \b
     Example: idx denoise-eval --data imagenette-test-000000.tar --json
     """
     from phisearch.indexer.model import checkpoint as ckpt
@@ -126,6 +128,7 @@ def embed(
 ) -> None:
     """Compute φ for every sample of the shards and write keys, labels and φ to an .npz.
 
+    \b
     Example: idx embed --data imagenette-mini-000000.tar --out mini.npz
     """
     from phisearch.indexer.build.embed_npz import embed_shards
@@ -166,6 +169,7 @@ def fit_readout(
     """Fit a whitened readout (PCA to DIMS, unit variance) on training shards and store it in
     the checkpoint; the weights and the model's sha256 stay the same.
 
+    \b
     Example: idx fit-readout --checkpoint runs/s64/model.safetensors --data 'train-{000000..000009}.tar'
     """
     from phisearch.indexer.model import checkpoint as ckpt

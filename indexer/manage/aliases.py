@@ -9,6 +9,8 @@ step (Edge: aliases.json replaced atomically; server: one update_collection_alia
 
 from __future__ import annotations
 
+import os
+
 from phisearch.indexer.store import StoreConfig, backend
 
 OVERVIEW_KEYS = ("checkpoint", "model_sha256", "readout", "sigma", "draws", "seed", "dim",
@@ -43,3 +45,22 @@ def overview(cfg: StoreConfig) -> list[dict]:
     return [dict({k: meta.get(k) for k in OVERVIEW_KEYS}, name=name,
                  aliases=sorted(a for a, c in aliases.items() if c == name))
             for name, meta in metas.items()]
+
+
+def missing_collection(cfg: StoreConfig, consequence: str = "run `idx build --data ...` first"
+                       ) -> str:
+    """The one-line message for a collection name that is not there: the collections and
+    aliases the place does hold, so a mistyped --collection is seen at once."""
+    try:
+        with backend(cfg) as b:
+            cols, aliases, where = sorted(b.collections()), b.aliases(), b.where
+    except Exception:  # noqa: BLE001 - the message must not fail; the place itself is the issue
+        return f"no collection {cfg.collection} in {cfg.where}: {consequence}"
+    if not cols:
+        held = "no such folder" if cfg.path and not os.path.isdir(cfg.path) else "it holds none"
+        return f"no collection {cfg.collection} in {where} ({held}): {consequence}"
+    known = ", ".join(cols)
+    if aliases:
+        known += "; aliases: " + ", ".join(f"{a} -> {c}" for a, c in sorted(aliases.items()))
+    return (f"no collection {cfg.collection} in {where} (known: {known}): check --collection, "
+            f"or {consequence}")

@@ -53,6 +53,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from phisearch.indexer.manage.aliases import missing_collection
 from phisearch.indexer.model.embedder import dense_of
 from phisearch.indexer.model.readout import principal_axes
 from phisearch.indexer.store import CLUSTERS_DOC, Store, StoreConfig, StoreError, open_store
@@ -296,7 +297,11 @@ def cluster(store_cfg: StoreConfig, cfg: ClusterConfig, on_progress: Progress | 
     with open_store(store_cfg) as store:
         meta = store.meta()
         if meta is None:
-            raise StoreError(f"no collection in {store.where}: run idx build first")
+            raise StoreError(missing_collection(store_cfg))
+        n = store.count()
+        if cfg.method == "kmeans" and cfg.k > n:   # k-means would quietly find fewer clusters
+            raise StoreError(f"k-means cannot make {cfg.k} clusters of the {n} points in "
+                             f"{store.where}: k must be at most {n}")
         v = read_vectors(store, meta.get("sparse_dim"), on_progress)
         if len(v.ids) < 2:
             raise StoreError(f"{store.where} holds {len(v.ids)} point(s): nothing to cluster")

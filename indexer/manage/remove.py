@@ -13,9 +13,11 @@ import os
 from collections import defaultdict
 from collections.abc import Callable
 
+from phisearch.indexer.manage.aliases import missing_collection
 from phisearch.indexer.sources.folders import doc_name
 from phisearch.indexer.sources.shards import shard_key
 from phisearch.indexer.store import SHARDS_DOC, StoreConfig, StoreError, open_store, parse_filter
+from phisearch.indexer.store.base import PAYLOAD_KEYS
 
 
 def selection(key: str | None = None, shard: str | None = None, dataset: str | None = None,
@@ -34,6 +36,10 @@ def selection(key: str | None = None, shard: str | None = None, dataset: str | N
             flt[name] = value
     if not flt:
         raise StoreError("say what to remove: --key, --shard, --dataset or --filter")
+    unknown = sorted(set(flt) - set(PAYLOAD_KEYS))
+    if unknown:   # a typo would match nothing (or, negated by nothing, everything): refuse it
+        raise StoreError(f"--filter: unknown payload key(s) {', '.join(unknown)} (keys: "
+                         f"{', '.join(PAYLOAD_KEYS)})")
     parse_filter(flt)   # a malformed filter fails here, before anything is counted or deleted
     return flt
 
@@ -45,7 +51,7 @@ def remove(cfg: StoreConfig, flt: dict, confirm: Callable[[int], bool] = lambda 
     "records_removed": [shard urls and folder/relpath]}."""
     with open_store(cfg) as store:
         if store.meta() is None:
-            raise StoreError(f"no collection in {store.where}")
+            raise StoreError(missing_collection(cfg, "nothing to remove"))
         shard_urls: set[str] = set()
         folder_keys: dict[str, set[str]] = defaultdict(set)   # folder root -> relpaths
         matched = 0

@@ -6,6 +6,7 @@ EXIF orientation applied, converted to RGB, center-cropped to a square, area-res
 from __future__ import annotations
 
 import io
+import re
 import threading
 import warnings
 
@@ -30,6 +31,18 @@ class BadImage(ValueError):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
+
+
+def too_many_pixels(n: int, size: str = "") -> str:
+    return f"{size}{n:,} pixels, over the limit of {MAX_PIXELS:,} pixels"
+
+
+def bomb_detail(e: Exception) -> str:
+    """PIL's decompression-bomb message names PIL's own threshold (89 or 179 Mpx), not ours:
+    say the image's size and our limit (MAX_PIXELS) instead."""
+    m = re.search(r"\((\d+) pixels\)", str(e))
+    return too_many_pixels(int(m.group(1))) if m else \
+        f"over the limit of {MAX_PIXELS:,} pixels"
 
 
 REDUCE_MIN = 4 * DRAFT_MIN       # large non-JPEG images are box-reduced to no less than this
@@ -85,7 +98,7 @@ def from_pil(img: Image.Image, size: int = SIZE) -> np.ndarray:
     """A decoded PIL image to (size, size, 3) uint8."""
     w, h = img.size
     if w * h > MAX_PIXELS:
-        raise BadImage("too_large", f"{w}x{h} pixels")
+        raise BadImage("too_large", too_many_pixels(w * h, f"{w}x{h} = "))
     if min(w, h) < MIN_SIDE:
         raise BadImage("too_small", f"{w}x{h}, need at least {MIN_SIDE} px a side")
     img = ImageOps.exif_transpose(img)
@@ -99,7 +112,7 @@ def decode(data: bytes, size: int = SIZE) -> np.ndarray:
     if not data:
         raise BadImage("empty", "zero bytes")
     if len(data) > MAX_BYTES:
-        raise BadImage("too_large", f"{len(data)} bytes")
+        raise BadImage("too_large", f"{len(data):,} bytes, over the limit of {MAX_BYTES:,} bytes")
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
@@ -109,14 +122,14 @@ def decode(data: bytes, size: int = SIZE) -> np.ndarray:
             # at least DRAFT_MIN px a side are kept, so small images (every shard) are untouched.
             img.draft(None, (DRAFT_MIN, DRAFT_MIN))
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise BadImage("too_large", str(e)) from None
+            raise BadImage("too_large", bomb_detail(e)) from None
         except UnidentifiedImageError:
             raise BadImage("not_an_image", "unrecognized format") from None
         except (OSError, SyntaxError, ValueError, EOFError) as e:
             raise BadImage("corrupt_image", str(e).splitlines()[0][:200]) from None
         w, h = img.size
         if w * h > MAX_PIXELS:
-            raise BadImage("too_large", f"{w}x{h} pixels")
+            raise BadImage("too_large", too_many_pixels(w * h, f"{w}x{h} = "))
         if w * h <= LARGE_PIXELS:
             return _load_and_fit(img, size)
         with LARGE_DECODES:   # a few large decodes at a time bound a server's peak memory
@@ -127,7 +140,7 @@ def _load_and_fit(img: Image.Image, size: int) -> np.ndarray:
     try:
         img.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise BadImage("too_large", str(e)) from None
+        raise BadImage("too_large", bomb_detail(e)) from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise BadImage("corrupt_image", str(e).splitlines()[0][:200]) from None
     return from_pil(img, size)

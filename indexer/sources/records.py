@@ -82,3 +82,33 @@ class Batch:
 
     def __len__(self) -> int:
         return len(self.samples)
+
+
+# Skip.reason -> words for people (idx status): "2 corrupt or truncated (corrupt_image)".
+SKIP_WORDS = {
+    "empty": "empty file",
+    "not_an_image": "not an image (unrecognized format)",
+    "corrupt_image": "corrupt or truncated image",
+    "too_small": f"too small (under {images.MIN_SIDE} px a side)",
+    "too_large": f"too large (over {images.MAX_PIXELS:,} pixels or {images.MAX_BYTES >> 20} MiB)",
+    "no_image": "no image in the sample",
+    "duplicate_key": "key seen twice in one shard (the first kept)",
+    "truncated_tar": "shard cut short",
+    "corrupt_tar": "corrupt tar data",
+    "unreadable_shard": "shard could not be opened",
+    "read_error": "read error",
+    "not_a_file": "not a regular file",
+    "unreadable": "file could not be read",
+    "symlink_loop": "link back to a folder already walked",
+}
+
+
+def skip_words(counts: dict[str, int]) -> str:
+    """{reason: count} in words, every reason named, most frequent first: "3 skipped: 2 corrupt
+    or truncated image (corrupt_image), 1 empty (zero bytes) (empty)"; "none skipped"."""
+    total = sum(counts.values())
+    if not total:
+        return "none skipped"
+    parts = [f"{n} {SKIP_WORDS.get(r, r.replace('_', ' '))} ({r})"
+             for r, n in sorted(counts.items(), key=lambda rn: (-rn[1], rn[0]))]
+    return f"{total} skipped: " + ", ".join(parts)

@@ -36,6 +36,10 @@ IDENTITY_KEYS = ("model_sha256", "readout", "readout_sha256", "sigma", "draws", 
 # Payload indexes: what filters and facets use.
 INDEXES = {"label": "integer", "cluster_id": "integer", "split": "keyword", "shard": "keyword",
            "dataset": "keyword", "key": "keyword"}
+# Every payload key a point can carry (docs/collection-schema.md): what a filter may name.
+PAYLOAD_KEYS = ("dataset", "split", "shard", "shard_url", "key", "label", "label_name",
+                "phi_norm", "active_channels", "model_sha256", "readout", "sigma", "draws",
+                "seed", "schema_version", "thumb", "path", "cluster_id", "cluster_prob")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _RANGE_OPS = ("gt", "gte", "lt", "lte")
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1   # Qdrant's integer payloads
@@ -210,6 +214,7 @@ class Store(ABC):
     backend: str
     cfg: StoreConfig
     name: str   # the collection actually opened (an alias resolved to its target)
+    names_snapshots: bool = False   # whether snapshot() takes a name given by the user
 
     @abstractmethod
     def meta(self) -> dict | None: ...
@@ -244,8 +249,9 @@ class Store(ABC):
     @abstractmethod
     def close(self) -> None: ...
     @abstractmethod
-    def snapshot(self) -> dict:
-        """Take a snapshot of the collection: {name, collection, points, created_at, ...}."""
+    def snapshot(self, name: str | None = None) -> dict:
+        """Take a snapshot of the collection: {name, collection, points, created_at, ...};
+        `name` only where names_snapshots (a Qdrant server names its snapshots itself)."""
     @abstractmethod
     def restore(self, name: str) -> dict:
         """Replace the collection with snapshot `name`: exactly its points, payloads and docs.

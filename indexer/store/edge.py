@@ -277,15 +277,17 @@ class EdgeStore(Store):
             raise StoreError(f"{self.where} does not exist yet: call ensure() before put_doc()")
         files.write_json(self.dir / "docs" / f"{check_name(name, 'doc')}.json", plain(doc))
 
-    def snapshot(self) -> dict:
+    names_snapshots = True
+
+    def snapshot(self, name: str | None = None) -> dict:
         """Archive the collection while we hold its only handle (flushed first): no build can
-        write during the copy."""
+        write during the copy. `name`: the archive's name (default: collection-UTC time)."""
         if self.meta() is None:
             raise StoreError(f"no collection in {self.where}: nothing to snapshot")
         with self._errors("flush"):
             self._need().flush()
         return files.write_archive(self.root, self.name, self.count(),
-                                   (self.meta() or {}).get("model_sha256"))
+                                   (self.meta() or {}).get("model_sha256"), name)
 
     def restore(self, name: str) -> dict:
         """Unpack into a staging folder, check that its shard opens, then swap folders with a

@@ -72,13 +72,18 @@ def snapshot_dir(root: Path, collection: str) -> Path:
     return Path(root) / SNAPSHOT_DIR / collection
 
 
-def write_archive(root: Path, collection: str, points: int, model_sha256: str | None) -> dict:
+def write_archive(root: Path, collection: str, points: int, model_sha256: str | None,
+                  name: str | None = None) -> dict:
     """Archive the collection folder (its shard closed or flushed by the caller, who holds the
-    lock) to .snapshots/<collection>/NAME.tar.gz through a temporary file."""
+    lock) to .snapshots/<collection>/NAME.tar.gz through a temporary file. A given name is
+    never reused (an existing snapshot is not overwritten)."""
     created = time.time()
-    name = f"{collection}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime(created))}" \
-           f"-{int(created * 1000) % 1000:03d}"
+    name = name or (f"{collection}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime(created))}"
+                    f"-{int(created * 1000) % 1000:03d}")
     out = snapshot_dir(root, collection)
+    if (out / f"{name}.tar.gz").exists():
+        raise StoreError(f"snapshot {name} of collection {collection} exists already: pick "
+                         "another name (idx snapshot list)")
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".{name}.tar.gz.tmp"
     # compresslevel 1: the WAL files are mostly preallocated zeros; vectors barely compress.

@@ -9,8 +9,12 @@ PY=${PYTHON:-python3}
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/pip install -q torch==2.13.0
 fi
-.venv/bin/pip install -q -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -c "import torch, qdrant_edge, phisearch.indexer.model.unet" >/dev/null
+# pip's own exit status decides (the filter only hides the mirror's noisy location warnings).
+if ! .venv/bin/pip install -q -e ".[dev]" 2> >(grep -v "^WARNING: Location" >&2); then
+  echo "install.sh: pip install -e .[dev] failed (see above)" >&2
+  exit 1
+fi
+.venv/bin/python -c "import torch, qdrant_edge, hdbscan, umap, phisearch.indexer.model.unet" >/dev/null
 # The browser test of the UI drives Debian's chromium (Playwright's own browser download is never
 # used). Installed only as root and only when missing; otherwise that test skips, saying why.
 if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then

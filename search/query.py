@@ -132,19 +132,29 @@ def search(store: Store, target: Target, k: int = 10, filter: dict | None = None
     return hits
 
 
-def explain(a: np.ndarray, b: np.ndarray, top: int = 8) -> dict:
+def explain(a: np.ndarray, b: np.ndarray, top: int = 8,
+            leave_out: np.ndarray | None = None) -> dict:
     """Which middle-block channels drive the distance between two φ, and which they share.
-    a, b: (C,) non-negative channel means. Contributions are (a_c - b_c)², as a share of ||a-b||²."""
+    a, b: (C,) non-negative channel means. Contributions are (a_c - b_c)², as a share of ||a-b||²;
+    a channel equal in both drives nothing and is not listed.
+    leave_out: (C,) bool, channels not listed (active in almost every image, they say little);
+    their share of the distance is reported as `left_out_share`."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    skip = np.zeros(a.shape, bool) if leave_out is None else np.asarray(leave_out, bool)
     d2 = (a - b) ** 2
     total = d2.sum()
-    order = np.argsort(-d2)[:top]
+    order = [c for c in np.argsort(-d2) if d2[c] > 0 and not skip[c]][:top]
     shared_idx = np.flatnonzero((a > 0) & (b > 0))
-    shared = shared_idx[np.argsort(-np.minimum(a, b)[shared_idx])][:top]
-    return {
+    listed = shared_idx[~skip[shared_idx]]
+    shared = listed[np.argsort(-np.minimum(a, b)[listed])][:top]
+    out = {
         "distance": float(np.sqrt(total)),
         "drivers": [{"channel": int(c), "a": float(a[c]), "b": float(b[c]),
                      "share": float(d2[c] / total) if total else 0.0} for c in order],
         "shared": [{"channel": int(c), "a": float(a[c]), "b": float(b[c])} for c in shared],
         "active": {"a": int((a > 0).sum()), "b": int((b > 0).sum()), "both": len(shared_idx)},
     }
+    if leave_out is not None:   # the terminal's --explain shape stays as it was
+        out.update(left_out=int(skip.sum()),
+                   left_out_share=float(d2[skip].sum() / total) if total else 0.0)
+    return out

@@ -136,9 +136,35 @@ def no_exception(page) -> None:
     assert page.locator('[data-testid="stException"]').count() == 0, page.content()[-3000:]
 
 
+def search_by_key_then_more_like_this(page, key: str) -> None:
+    """Search page: the key typed in the box finds its image first, marked as the query; "More
+    like this" under the second hit makes that hit the query."""
+    page.get_by_role("link", name="Search").click()
+    page.get_by_role("heading", name="Search").wait_for()
+    settle(page)
+    page.get_by_text("Indexed key", exact=True).first.click()
+    settle(page)
+    box = page.get_by_role("textbox", name="Indexed key")
+    box.fill(key)
+    box.press("Enter")
+    page.get_by_text(f"indexed: {key}").wait_for()
+    settle(page)
+    no_exception(page)
+    keys = page.locator('[data-testid="stMain"] [data-testid="stCaptionContainer"] code')
+    assert keys.nth(0).inner_text() == key
+    assert page.get_by_text("(the query image)").count() == 1
+    second = keys.nth(1).inner_text()
+    page.get_by_role("button", name="More like this").nth(1).click()
+    page.get_by_text(f"indexed: {second}").wait_for()
+    settle(page)
+    no_exception(page)
+    assert keys.nth(0).inner_text() == second
+    assert page.get_by_text("(the query image)").count() == 1
+
+
 def test_search_explain_reconstruct_in_chromium(server, sync_playwright, mini_shard, shots,
                                                 tmp_path):
-    _, jpg = first_jpeg(mini_shard)
+    key, jpg = first_jpeg(mini_shard)
     image = tmp_path / "query.jpg"
     image.write_bytes(jpg)
     with sync_playwright() as p:
@@ -148,7 +174,8 @@ def test_search_explain_reconstruct_in_chromium(server, sync_playwright, mini_sh
             page.set_default_timeout(WAIT_MS)
             page.goto(server, wait_until="domcontentloaded")
             page.get_by_role("heading", name="Search").wait_for()
-            page.get_by_text("Upload an image or pick a random indexed one.").wait_for()
+            page.get_by_text("Upload an image, type an indexed key or pick a random indexed "
+                             "image.").wait_for()
             page.locator('input[type="file"]').set_input_files(str(image))
             # the image itself comes back first, at distance 0, with its label
             page.get_by_text("d = 0.000", exact=False).first.wait_for()
@@ -186,6 +213,8 @@ def test_search_explain_reconstruct_in_chromium(server, sync_playwright, mini_sh
             settle(page)
             no_exception(page)
             shot(page, shots / "ui-index.png")
+
+            search_by_key_then_more_like_this(page, key)
         finally:
             browser.close()
     for name in ("ui-search.png", "ui-explain.png", "ui-reconstruct.png", "ui-index.png"):

@@ -177,7 +177,8 @@ def read_upload(name: str, data: bytes) -> Upload:
         img = images.decode(data)
     except images.BadImage as e:
         why = REASONS.get(e.reason, e.reason)
-        return Upload(None, f"Cannot use {name}: {why}" + (f" ({e.detail})." if e.detail else "."))
+        detail = e.detail if e.detail and e.detail not in why else ""   # say it once
+        return Upload(None, f"Cannot use {name}: {why}" + (f" ({detail})." if detail else "."))
     except Exception as e:   # an odd file must never show a traceback
         log.exception("decoding upload %s", name)
         return Upload(None, f"Cannot use {name}: {type(e).__name__}: {e}")

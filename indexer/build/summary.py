@@ -11,7 +11,14 @@ from phisearch.indexer.build.resume import RunPlan
 from phisearch.indexer.build.writer import Writer
 from phisearch.indexer.sources.folders import FOLDERS_DOC
 from phisearch.indexer.sources.records import Batch, Skip
-from phisearch.indexer.store import LAST_RUN_DOC, SHARDS_DOC, Store, StoreConfig, open_store
+from phisearch.indexer.store import (
+    CLUSTERS_DOC,
+    LAST_RUN_DOC,
+    SHARDS_DOC,
+    Store,
+    StoreConfig,
+    open_store,
+)
 
 log = logging.getLogger(__name__)
 
@@ -89,12 +96,43 @@ def finish_summary(collection: str, store: Store, writer: Writer, meta: dict, ru
         "settings": {k: meta[k] for k in ("checkpoint", "model_sha256", "readout", "sigma",
                                           "draws", "seed")},
         "finished_at": time.time(),
+        "clustering": mark_clusters_stale(store, writer.written + writer.deleted),
         **extra,
     }
     store.put_doc(LAST_RUN_DOC, _last_run_doc(store, summary, nothing_done=(
         not stats.indexed and not run.todo and not stats.interrupted and not stats.skips.counts
         and not any(summary[k] for k in ("new", "changed", "deleted")))))
     return summary
+
+
+CLUSTER_KEYS = ("method", "preprocess", "projection", "points", "noise", "created_at",
+                "stale", "stale_since", "changed_points", "unclustered")
+
+
+def clustering_state(doc: dict | None) -> dict | None:
+    """What `idx status` and the UI show of the last `idx cluster` (None: never clustered)."""
+    if doc is None:
+        return None
+    return {**{k: doc.get(k) for k in CLUSTER_KEYS}, "stale": bool(doc.get("stale")),
+            "clusters": len(doc.get("clusters") or [])}
+
+
+def mark_clusters_stale(store: Store, changed: int) -> dict | None:
+    """A build that wrote or removed points after `idx cluster` leaves the clustering stale: an
+    upsert replaces a point's payload, so the points it wrote have no cluster_id, and the
+    summary's sizes no longer add up. Marked in the clusters doc (until `idx cluster` reruns)
+    and said once on stderr. Returns the clustering's state, None when never clustered."""
+    doc = store.get_doc(CLUSTERS_DOC)
+    if doc is None or not changed:
+        return clustering_state(doc)
+    labelled = store.count({"cluster_id": {"gte": -1}})   # has any cluster_id, noise included
+    doc.update(stale=True, stale_since=doc.get("stale_since") or time.time(),
+               changed_points=int(doc.get("changed_points") or 0) + changed,
+               unclustered=store.count() - labelled)
+    store.put_doc(CLUSTERS_DOC, doc)
+    log.warning("the clustering is stale: %d points written or removed since `idx cluster` "
+                "(%d without cluster_id); rerun `idx cluster`", changed, doc["unclustered"])
+    return clustering_state(doc)
 
 
 def _last_run_doc(store: Store, summary: dict, nothing_done: bool) -> dict:
@@ -139,4 +177,5 @@ def status(store_cfg: StoreConfig) -> dict | None:
             "shards": {u: {k: v for k, v in r.items()} for u, r in records.items()},
             "folders": folders,
             "last_run": last,
+            "clustering": clustering_state(store.get_doc(CLUSTERS_DOC)),
         }

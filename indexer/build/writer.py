@@ -40,7 +40,7 @@ class Writer(threading.Thread):
         self.error: BaseException | None = None
         self.seconds = 0.0
         self.written = 0
-        self.deleted = 0
+        self.deleted = 0    # points removed: of gone folder files and vanished shard samples
         self.written_by_shard: Counter[str] = Counter()
         self._dirty: set[str] = set()
         self._flushed_at = time.monotonic()
@@ -65,6 +65,7 @@ class Writer(threading.Thread):
                     gone = self.stale.pop(url, set()) - rec.pop("_ids")
                     if gone:
                         rec["deleted"] = self.store.delete(ids=sorted(gone))
+                        self.deleted += rec["deleted"]
                     self.records[url] = rec
                 if done:
                     self.store.put_doc(SHARDS_DOC, self.records)

@@ -222,19 +222,27 @@ def cluster(
     method: Annotated[str, typer.Option(
         "--method", help="hdbscan (finds the number of clusters, marks noise) | kmeans.")
     ] = "hdbscan",
-    min_cluster_size: Annotated[int, typer.Option(
-        "--min-cluster-size", min=2, help="HDBSCAN: smallest cluster.")] = 10,
+    min_cluster_size: Annotated[int | None, typer.Option(
+        "--min-cluster-size", min=2, help="HDBSCAN: smallest cluster [default: points/250, "
+        "between 5 and 50].")] = None,
     min_samples: Annotated[int | None, typer.Option(
         "--min-samples", min=1, help="HDBSCAN: density smoothing (1 = least noise).")] = 1,
     selection: Annotated[str, typer.Option(
-        "--selection", help="HDBSCAN cluster selection: leaf (many small) | eom (few large).")
-    ] = "leaf",
+        "--selection", help="HDBSCAN cluster selection: eom (fewer, larger) | leaf (many "
+        "small).")] = "eom",
     k: Annotated[int, typer.Option("--k", min=1, help="k-means: number of clusters.")] = 100,
     preprocess: Annotated[str, typer.Option(
         "--preprocess", help="auto (l2 for a whitened readout, else pca) | raw | l2 | pca: "
         "the space clusters are found in.")] = "auto",
     pca_dims: Annotated[int, typer.Option("--pca-dims", min=1, help="Dimensions kept by pca.")
                         ] = 32,
+    projection: Annotated[str, typer.Option(
+        "--projection", help="auto (umap for hdbscan, none for kmeans) | none | umap: the "
+        "low-dimensional space clusters are found in.")] = "auto",
+    proj_dims: Annotated[int, typer.Option(
+        "--proj-dims", min=1, help="Dimensions of the projection.")] = 10,
+    neighbors: Annotated[int, typer.Option(
+        "--neighbors", min=2, help="UMAP neighbours per point.")] = 30,
     sample_above: Annotated[int, typer.Option(
         "--sample-above", min=2, help="Above this many points, fit on a random sample of this "
         "size and assign the rest.")] = 20000,
@@ -247,11 +255,19 @@ def cluster(
 ) -> None:
     """Cluster the stored φ vectors and write cluster_id / cluster_prob to every point (re-running
     replaces them); the summary (centroids, exemplars, channels) goes to the collection's docs.
+    Default: HDBSCAN (eom) in a 10-d UMAP projection, which on the imagenette index labels
+    57% of the points in 38 clusters (docs/results.md); k-means labels them all.
 
     \b
     Example: idx cluster --method kmeans --k 50 --json
     """
-    from phisearch.indexer.manage.cluster import METHODS, PREPROCESS, SELECTIONS, ClusterConfig
+    from phisearch.indexer.manage.cluster import (
+        METHODS,
+        PREPROCESS,
+        PROJECTIONS,
+        SELECTIONS,
+        ClusterConfig,
+    )
     from phisearch.indexer.manage.cluster import cluster as run
 
     if method not in METHODS:
@@ -260,9 +276,12 @@ def cluster(
         raise typer.BadParameter(f"use {', '.join(PREPROCESS)}", param_hint="--preprocess")
     if selection not in SELECTIONS:
         raise typer.BadParameter(f"use {' or '.join(SELECTIONS)}", param_hint="--selection")
+    if projection not in PROJECTIONS:
+        raise typer.BadParameter(f"use {', '.join(PROJECTIONS)}", param_hint="--projection")
     cfg = ClusterConfig(method=method, min_cluster_size=min_cluster_size,
                         min_samples=min_samples, selection=selection, k=k,
-                        preprocess=preprocess, pca_dims=pca_dims,
+                        preprocess=preprocess, pca_dims=pca_dims, projection=projection,
+                        proj_dims=proj_dims, neighbors=neighbors,
                         sample_above=sample_above, seed=seed)
     scfg = store_config(store, qdrant_url, api_key, collection)
     with StagedProgress(lambda s: "pt" if s == "fit" else "img") as on_progress:
@@ -270,7 +289,9 @@ def cluster(
     if json_out:
         emit_json(result)
         return
-    typer.echo(f"{result['method']} on {result['points']} points ({result['preprocess']}): "
+    space = result["preprocess"] + (f" -> {result['projection']}"
+                                    if result["projection"] != "none" else "")
+    typer.echo(f"{result['method']} on {result['points']} points ({space}): "
                f"{result['clusters']} clusters, {result['noise']} noise, "
                f"{result['seconds']:.1f} s", err=True)
     sizes = result["sizes"]

@@ -76,6 +76,7 @@ def status_lines(st: dict, place: str) -> list[str]:
             lines.append(f"  {root} (dataset {f.get('dataset')}): {f.get('files', 0)} files "
                          f"indexed, {skip_words(f.get('skipped') or {})}; synced {synced}")
     lines.append(f"skipped, all sources: {skip_words(st['skipped'])}")
+    lines.append(clustering_line(st.get("clustering")))
     if st.get("last_run"):
         lines.append(f"last run: {last_run_line(st['last_run'])}")
     cols = st.get("collections") or []
@@ -105,6 +106,21 @@ def _pending_lines(st: dict) -> list[str]:
     more = f" and {len(pending) - LISTED} more" if len(pending) > LISTED else ""
     return [(f"  pending ({why}; rerun the same idx build to resume): "
              f"{', '.join(names)}{more}")]
+
+
+def clustering_line(cl: dict | None) -> str:
+    """Clusters and noise of the last `idx cluster`, and whether a build made it stale."""
+    if cl is None:
+        return "clustering: none (run idx cluster)"
+    points, noise = cl.get("points") or 0, cl.get("noise") or 0
+    line = (f"clustering: {cl['clusters']} clusters, {points - noise} points clustered, {noise} "
+            f"noise ({100 * noise / points if points else 0:.0f}%), {cl.get('method')} in "
+            f"{cl.get('preprocess')}" + (f" -> {cl['projection']}" if cl.get("projection")
+                                        not in (None, "none") else ""))
+    if cl.get("stale"):
+        line += (f"; STALE: {cl.get('changed_points')} points written or removed since "
+                 f"({cl.get('unclustered')} without a cluster): rerun idx cluster")
+    return line
 
 
 def last_run_line(lr: dict) -> str:

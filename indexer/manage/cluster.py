@@ -32,14 +32,21 @@ B. 2,000 test images indexed with the same model's fp32 weights and the paper's 
   256 dims than in 32 (2-8 s vs 0.1-0.2 s for 2,000 points; bench/cluster_scale.py: 34 s vs
   4 s at 10k synthetic points, and l2 at 100k had not finished after 8 minutes where pca32
   takes 36 s in all): pca for such collections.
-- HDBSCAN: leaf selection, min_samples 1, min_cluster_size 10. φ has no strong density
-  structure: the usual eom selection returns 0-8 clusters with NMI <= 0.036 (a few large
-  clusters that ignore the labels with min_samples 1; 52-100% noise with min_samples =
-  min_cluster_size = 15). leaf/10/1 keeps small dense groups (59 clusters on A, 28 on B) whose
-  points agree with the labels far better (NMI over the clustered points 0.39 on A, where
-  k-means k=100 reaches 0.15 over all points) but it labels only 9% (A, l2) to 31% (B, pca32)
-  of the points; min_cluster_size 5 about doubles NMI and gives 3-5x more clusters (287 on A).
-  When every point needs a cluster, `--method kmeans` (NMI 0.12-0.16 on A) is the tool.
+- HDBSCAN runs in a 10-d UMAP projection (30 neighbours, min_dist 0; `projection` auto), eom
+  selection, min_samples 1, min_cluster_size n/250 between 5 and 50 (`auto_min_size`).
+  Measured on A at 128-d (bench/cluster_default.py, bench/results/cluster_default.json,
+  docs/results.md): the old default (leaf/10/1 in the l2 space) left 89% noise in 70 clusters
+  (NMI 0.097, ARI 0.001). φ has no density structure HDBSCAN can use in the full space, nor
+  in PCA: a whitened readout has a flat spectrum (1.2% of the variance per axis), and with PCA
+  to 5-15 dims eom finds no cluster at all and leaf 86-99% noise. UMAP's neighbour graph
+  makes neighbourhoods dense: eom/50/1 there gives 38-56 clusters with 43-47% noise, NMI
+  0.151-0.160 and ARI 0.014-0.026 in each of six projections (5/10/15 dims, 15/30 neighbours,
+  three seeds). Settings with larger min_samples or min_cluster_size sometimes collapse into
+  2-7 clusters (eom/100/1, eom/50/5), smaller ones cross 50% noise in some projections, and
+  leaf/10/1 gives 300+ clusters of about 20 points (NMI 0.175 but ARI 0.003).
+  k-means labels every point; in the UMAP space (`--method kmeans --projection umap`) it also
+  scores higher (k=20: NMI 0.158, ARI 0.075; k=50: NMI 0.167), so it is the tool when every
+  image must be in a cluster; `auto` keeps k-means in the full space.
 Low NMI is expected in part: the paper finds φ clusters share layout and texture ("gist") and
 are only partly aligned with class labels.
 """
@@ -63,6 +70,7 @@ log = logging.getLogger(__name__)
 DOC = CLUSTERS_DOC
 METHODS = ("hdbscan", "kmeans")
 PREPROCESS = ("auto", "raw", "l2", "pca")
+PROJECTIONS = ("auto", "none", "umap")
 SELECTIONS = ("eom", "leaf")
 Progress = Callable[[str, int, int], None]   # (stage, done, total)
 
@@ -70,12 +78,15 @@ Progress = Callable[[str, int, int], None]   # (stage, done, total)
 @dataclass(frozen=True)
 class ClusterConfig:
     method: str = "hdbscan"          # hdbscan | kmeans
-    min_cluster_size: int = 10       # HDBSCAN: smallest group that counts as a cluster
+    min_cluster_size: int | None = None  # HDBSCAN: smallest cluster (None: auto_min_size)
     min_samples: int | None = 1      # HDBSCAN: density smoothing (None = min_cluster_size)
-    selection: str = "leaf"          # HDBSCAN: leaf (many small clusters) | eom (few large)
+    selection: str = "eom"           # HDBSCAN: eom (fewer, larger) | leaf (many small)
     k: int = 100                     # k-means: clusters (clamped to the number of points)
-    preprocess: str = "auto"         # auto | raw | l2 | pca: the space clusters are found in
+    preprocess: str = "auto"         # auto | raw | l2 | pca: the vectors' preparation
     pca_dims: int = 32               # dimensions kept by `pca`
+    projection: str = "auto"         # auto (umap for hdbscan, none for kmeans) | none | umap
+    proj_dims: int = 10              # dimensions of the projection clusters are found in
+    neighbors: int = 30              # UMAP n_neighbors (clamped to the points - 1)
     sample_above: int = 20000        # fit on a random sample of this size above it
     seed: int = 0                    # sample, PCA and k-means++ seeds
     exemplars: int = 5               # keys closest to each centroid kept in the summary
@@ -89,10 +100,15 @@ class ClusterConfig:
             raise ValueError(f'unknown preprocess "{self.preprocess}"; use {", ".join(PREPROCESS)}')
         if self.selection not in SELECTIONS:
             raise ValueError(f'unknown selection "{self.selection}"; use eom or leaf')
-        if self.min_cluster_size < 2:
+        if self.projection not in PROJECTIONS:
+            raise ValueError(f'unknown projection "{self.projection}"; use '
+                             f'{", ".join(PROJECTIONS)}')
+        if self.min_cluster_size is not None and self.min_cluster_size < 2:
             raise ValueError("min_cluster_size must be >= 2")
-        if self.k < 1 or self.pca_dims < 1 or self.sample_above < 2:
-            raise ValueError("k, pca_dims must be >= 1 and sample_above >= 2")
+        if min(self.k, self.pca_dims, self.proj_dims) < 1 or self.sample_above < 2 \
+                or self.neighbors < 2:
+            raise ValueError("k, pca_dims, proj_dims must be >= 1, neighbors and sample_above "
+                             ">= 2")
 
 
 @dataclass
@@ -168,6 +184,76 @@ class Preprocessor:
         return x
 
 
+def resolve_projection(cfg: ClusterConfig) -> str:
+    """auto: umap for HDBSCAN (φ has no density structure HDBSCAN can use in the full space: the
+    measured default left 90% noise), none for k-means (it needs no density)."""
+    if cfg.projection != "auto":
+        return cfg.projection
+    return "umap" if cfg.method == "hdbscan" else "none"
+
+
+def auto_min_size(n: int) -> int:
+    """Default HDBSCAN min_cluster_size for n fitted points: 50 from 12,500 points on (measured
+    on 13,394), n/250 below, at least 5, so that a small collection still gets clusters."""
+    return max(5, min(50, n // 250))
+
+
+@dataclass
+class Projection:
+    """The low-dimensional space HDBSCAN runs in: a UMAP embedding (min_dist 0, so neighbours
+    pack densely) fitted on the fit sample; other points are placed by UMAP's transform."""
+
+    how: str
+    model: object | None = None
+
+    @classmethod
+    def fit(cls, z: np.ndarray, cfg: ClusterConfig) -> tuple[Projection, np.ndarray]:
+        """Fit on z (the fit sample); returns the projection and z's embedding. Too few points
+        for a neighbour graph (<= proj_dims + 2) are left as they are (how "none")."""
+        how = resolve_projection(cfg)
+        if how == "none" or len(z) <= cfg.proj_dims + 2:
+            return cls("none"), z
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # "n_jobs overridden by random_state" and the like
+            import umap
+
+            model = umap.UMAP(n_components=cfg.proj_dims, n_neighbors=min(cfg.neighbors,
+                              len(z) - 1), min_dist=0.0, random_state=cfg.seed, n_jobs=1)
+            y = model.fit_transform(z)
+        return cls(how, model), np.asarray(y, np.float32)
+
+    def name(self, cfg: ClusterConfig) -> str:
+        return "none" if self.how == "none" else f"{self.how}{cfg.proj_dims}"
+
+    def __call__(self, z: np.ndarray) -> np.ndarray:
+        if self.model is None:
+            return z
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return np.asarray(self.model.transform(z), np.float32)
+
+
+def project(z: np.ndarray, cfg: ClusterConfig, on_progress: Progress | None = None
+            ) -> tuple[np.ndarray, Projection]:
+    """Every point in the projection fitted on the fit sample (fit_sample's rows)."""
+    fit_idx = fit_sample(len(z), cfg)
+    if on_progress:
+        on_progress("project", 0, len(z))
+    proj, y_fit = Projection.fit(z[fit_idx], cfg)
+    y = np.zeros((len(z), y_fit.shape[1]), np.float32)
+    y[fit_idx] = y_fit
+    rest = np.setdiff1d(np.arange(len(z)), fit_idx)
+    for i in range(0, len(rest), 4096):
+        y[rest[i:i + 4096]] = proj(z[rest[i:i + 4096]])
+    if on_progress:
+        on_progress("project", len(z), len(z))
+    return y, proj
+
+
 def fit_sample(n: int, cfg: ClusterConfig) -> np.ndarray:
     """Sorted indices of the points the clusterer (and the PCA) is fitted on."""
     if n <= cfg.sample_above:
@@ -192,14 +278,18 @@ def fit_assign(z: np.ndarray, cfg: ClusterConfig, on_progress: Progress | None =
     rest = np.setdiff1d(np.arange(n), fit_idx)
     labels = np.full(n, -1, np.int64)
     strength = np.zeros(n, np.float64)
+    used: dict = {}   # the HDBSCAN sizes actually used (after auto and clamping)
     if on_progress:
         on_progress("fit", 0, len(fit_idx))
     t0 = time.perf_counter()
     if cfg.method == "hdbscan":
         import hdbscan
 
-        min_size = min(cfg.min_cluster_size, max(2, len(fit_idx)))
-        model = hdbscan.HDBSCAN(min_cluster_size=min_size, min_samples=cfg.min_samples,
+        min_size = min(cfg.min_cluster_size or auto_min_size(len(fit_idx)),
+                       max(2, len(fit_idx)))
+        min_samples = None if cfg.min_samples is None else min(cfg.min_samples, min_size)
+        used = {"min_cluster_size": min_size, "min_samples": min_samples}
+        model = hdbscan.HDBSCAN(min_cluster_size=min_size, min_samples=min_samples,
                                 cluster_selection_method=cfg.selection, prediction_data=True,
                                 core_dist_n_jobs=1)
         model.fit(z[fit_idx])
@@ -231,7 +321,7 @@ def fit_assign(z: np.ndarray, cfg: ClusterConfig, on_progress: Progress | None =
         if on_progress:
             on_progress("assign", min(i + step, len(rest)), len(rest))
     labels = _renumber(labels)
-    info = {"fit_points": len(fit_idx), "assigned_points": len(rest),
+    info = {"fit_points": len(fit_idx), "assigned_points": len(rest), **used,
             "fit_s": round(t1 - t0, 3), "assign_s": round(time.perf_counter() - t1, 3)}
     return labels, np.clip(strength, 0.0, 1.0), info
 
@@ -310,6 +400,8 @@ def cluster(store_cfg: StoreConfig, cfg: ClusterConfig, on_progress: Progress | 
         prep = Preprocessor.fit(v.dense[fit_sample(len(v.ids), cfg)], how, cfg.pca_dims)
         z = prep(v.dense)
         t_prep = time.perf_counter()
+        z, proj = project(z, cfg, on_progress)
+        t_proj = time.perf_counter()
         labels, strength, info = fit_assign(z, cfg, on_progress)
         t_fit = time.perf_counter()
         clusters = summarize(v, z, labels, cfg)
@@ -317,13 +409,17 @@ def cluster(store_cfg: StoreConfig, cfg: ClusterConfig, on_progress: Progress | 
         write_labels(store, v.ids, labels, strength, cfg.write_batch, on_progress)
         seconds = time.perf_counter() - t0
         stages = {"read_s": t_read - t0, "preprocess_s": t_prep - t_read,
+                  "project_s": t_proj - t_prep,
                   "fit_s": info.pop("fit_s"), "assign_s": info.pop("assign_s"),
                   "summary_s": t_sum - t_fit, "write_s": time.perf_counter() - t_sum}
         doc = {
             "method": cfg.method,
-            "params": {k: val for k, val in asdict(cfg).items()
-                       if k not in ("method", "preprocess", "write_batch")},
-            "preprocess": how if how != "pca" else f"pca{z.shape[1]}",
+            "params": {**{k: val for k, val in asdict(cfg).items()
+                          if k not in ("method", "preprocess", "write_batch")},
+                       **{k: info.pop(k) for k in ("min_cluster_size", "min_samples")
+                          if k in info}},
+            "preprocess": how if how != "pca" else f"pca{prep.proj.shape[1]}",
+            "projection": proj.name(cfg),
             "points": len(v.ids),
             **info,
             "noise": int((labels < 0).sum()),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import streamlit as st
+from phisearch.search.explain import informative_channel
 from phisearch.ui import common
 
 ss = st.session_state
@@ -24,8 +25,8 @@ active = (cat.mid > 0).mean(0)                 # (C,) fraction of images where i
 mean = cat.mid.mean(0)                         # (C,)
 if "channel_request" in ss:
     ss["channel_pick"] = int(ss.pop("channel_request"))
-if "channel_pick" not in ss:
-    ss["channel_pick"] = int(np.argmax(active))
+if "channel_pick" not in ss:   # not the channel every image activates: one that tells apart
+    ss["channel_pick"] = informative_channel(cat.mid)
 
 c1, c2 = st.columns([1, 3])
 with c1:
@@ -41,7 +42,11 @@ with c2:
     order = np.argsort(-pr)
     rank = int(np.flatnonzero(order == c)[0]) + 1
     st.caption(f"Participation ratio of every channel, highest first; channel {c} ranks "
-               f"{rank} of {n_ch}. Dead channels (never active): {int((active == 0).sum())}.")
+               f"{rank} of {n_ch}.")
+    dead = int((active == 0).sum())
+    st.caption(f"Dead channels: {dead} of {n_ch}. A dead channel is 0 for every indexed image "
+               "(the middle block's last ReLU never lets it through), so it carries no "
+               "information and is left out of the sparse vectors.")
     st.bar_chart(pd.DataFrame({"participation ratio": pr[order]},
                               index=pd.RangeIndex(1, n_ch + 1, name="rank")), height=220)
 

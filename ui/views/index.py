@@ -28,6 +28,22 @@ m2.metric("Shards done", info["shards_done"])
 m3.metric("Shards pending", info["shards_pending"])
 m4.metric("Skipped samples", sum(info["skipped"].values()))
 
+cl = info.get("clustering")
+st.subheader("Clustering")
+if cl is None:
+    st.caption("Not clustered yet: run `idx cluster` (then the Clusters page shows the groups).")
+else:
+    c1, c2, c3, c4 = st.columns(4)
+    c1.metric("Clusters", cl["clusters"])
+    c2.metric("Clustered points", (cl.get("points") or 0) - (cl.get("noise") or 0))
+    c3.metric("Noise points", cl.get("noise") or 0)
+    c4.metric("Clustered", when(cl.get("created_at"))[:16],
+              help=f"{cl.get('method')} in {cl.get('preprocess')} → {cl.get('projection')}")
+    if cl["stale"]:
+        st.warning(f"Clustering stale: a build since {when(cl.get('stale_since'))} wrote or "
+                   f"removed {cl.get('changed_points')} points ({cl.get('unclustered')} have no "
+                   "cluster now). Run `idx cluster` again.")
+
 last = info.get("last_run") or {}
 if last.get("running_since") and (last.get("finished_at") or 0) < last["running_since"]:
     st.warning(f"A build started {when(last['running_since'])} has not finished: it is running, "

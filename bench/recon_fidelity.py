@@ -19,7 +19,6 @@ import argparse
 import json
 import platform
 import time
-from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from phisearch.indexer.cli.common import default_store
 from phisearch.indexer.model.embedder import Embedder
 from phisearch.indexer.model.phi import as_uint8
 from phisearch.indexer.store import StoreConfig, open_store, point_id
+from phisearch.search import recon_report
 from phisearch.search import reconstruct as R
 from phisearch.search.evaluate import load_split
 
@@ -42,9 +42,7 @@ def balanced(labels: np.ndarray, total: int) -> np.ndarray:
 
 def majority(labels: list) -> object:
     """The most common label; ties go to the label met first (nearest)."""
-    counts = Counter(labels)
-    best = max(counts.values())
-    return next(lab for lab in labels if counts[lab] == best)
+    return recon_report.majority(labels)[0]
 
 
 def top10_majority(store, vectors: np.ndarray, exclude: list[str]) -> list[object]:
@@ -83,7 +81,8 @@ def main() -> None:
     pick = balanced(labels, args.targets)
     imgs, labels, keys = imgs[pick], labels[pick], [keys[i] for i in pick]
     ids = [point_id(*k.split("/", 1)) for k in keys]
-    over = dict(levels=args.levels, inner_steps=args.inner_steps, lr=args.lr, tol=args.tol)
+    over = {"levels": args.levels, "inner_steps": args.inner_steps, "lr": args.lr,
+            "tol": args.tol}
     sch = R.schedule(args.schedule, **over)
     unguided_sch = R.schedule(args.schedule, **dict(over, inner_steps=0))
 

@@ -3,6 +3,8 @@ index and on a synthetic 1M-point collection, sequential and with 8 concurrent c
 the time of one upload goes (decode, φ, query, JSON), so the next change is chosen by measurement.
 
     .venv/bin/python bench/serve_latency.py --store ~/.phisearch/store            # the real index
+    .venv/bin/python bench/serve_latency.py --synthetic 1000000 --synthetic-store /tmp/syn \
+        --prepare-only          # build and optimize the 1M collection first (an hour on 1 core)
     .venv/bin/python bench/serve_latency.py --synthetic 1000000 --synthetic-store /tmp/syn
 
 The synthetic collection copies the real collection's metadata (so uploads are embedded with the
@@ -36,6 +38,7 @@ from phisearch.indexer.sources.shards import read_shard  # noqa: E402
 from phisearch.indexer.store import PointData, StoreConfig, open_store  # noqa: E402
 from phisearch.search.serve import Service, ServeConfig, create_app  # noqa: E402
 
+OPTIMIZED = "synthetic-optimized"   # marker beside the synthetic collection
 DATA = Path(os.environ.get("PHISEARCH_DATA", REPO.parent / "shared" / "data")) / "imagenette-64"
 
 
@@ -121,7 +124,7 @@ def synthetic(src: StoreConfig, dst: StoreConfig, n: int) -> None:
     with open_store(src) as s:
         meta = s.meta()
     with open_store(dst) as d:
-        if d.meta() is not None and d.count() >= n:
+        if d.meta() is not None and d.count() >= n and Path(dst.path, OPTIMIZED).exists():
             return
         d.ensure(meta)
         rng = np.random.default_rng(0)
@@ -144,6 +147,7 @@ def synthetic(src: StoreConfig, dst: StoreConfig, n: int) -> None:
         t0 = time.perf_counter()
         d.optimize()
         print(f"optimize: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    Path(dst.path, OPTIMIZED).write_text(f"{n}\n")   # an interrupted optimize runs again
 
 
 def run(cfg: StoreConfig, label: str, jpg: bytes, n: int) -> dict:
@@ -172,16 +176,26 @@ def main() -> None:
     ap.add_argument("--synthetic", type=int, default=0, help="also a collection of N points")
     ap.add_argument("--synthetic-store", default="/tmp/phisearch-syn")
     ap.add_argument("-n", type=int, default=60, help="requests per measurement")
+    ap.add_argument("--prepare-only", action="store_true",
+                    help="build (and optimize) the synthetic collection, then stop")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(),
+                    help="torch threads, as `idx serve` has by default (one per core)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "serve_latency.json"))
     args = ap.parse_args()
+    # Importing the tests' helper runs tests/conftest.py, which pins torch to 1 thread for the
+    # test suite; serve itself runs with torch's default (one thread per core). Measure that.
+    torch.set_num_threads(args.threads)
     cfg = StoreConfig(path=args.store, collection=args.collection, busy_wait=1.0)
     raw = next(r for r in read_shard(str(DATA / "imagenette-test-000000.tar"))
                if isinstance(r, dict))
     jpg = raw["jpg"]
+    syn = StoreConfig(path=args.synthetic_store, collection="synthetic", busy_wait=1.0)
+    if args.prepare_only:
+        synthetic(cfg, syn, args.synthetic)
+        return
     result = {"threads": torch.get_num_threads(), "cpus": os.cpu_count(),
               "runs": [run(cfg, "real", jpg, args.n)]}
     if args.synthetic:
-        syn = StoreConfig(path=args.synthetic_store, collection="synthetic", busy_wait=1.0)
         synthetic(cfg, syn, args.synthetic)
         result["runs"].append(run(syn, f"synthetic {args.synthetic}", jpg, args.n))
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")

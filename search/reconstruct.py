@@ -102,6 +102,9 @@ def schedule(name: str = "fast", **overrides) -> Schedule:
 # ----------------------------------------------------------------------------- guidance
 
 
+Tick = Callable[[], None]   # called after every batched network pass; may raise to stop
+
+
 @dataclass
 class Match:
     """What one guidance call did, per sample."""
@@ -127,10 +130,12 @@ def _mid_mean(model: UNet, y: Tensor, amp_dtype: torch.dtype | None) -> Tensor:
 
 def match(model: UNet, y: Tensor, target: Tensor, lr: float = 0.01, max_steps: int = 100,
           tol: float = 0.01, amp_dtype: torch.dtype | None = None,
-          betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> Match:
+          betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+          tick: Tick | None = None) -> Match:
     """The guidance step of SPEC §4: Adam on the pixels of y (N, 3, H, W) minimizing
     mean_c (ā_M(y)_c − φ*_c)², target (C,) or (N, C). Each sample stops once its loss is
-    <= tol × its starting loss; stopped samples leave the batch, so they cost nothing more."""
+    <= tol × its starting loss; stopped samples leave the batch, so they cost nothing more.
+    tick() runs after every step: it may raise to stop the work (the UI's Cancel)."""
     n = y.shape[0]
     target = torch.as_tensor(target, dtype=torch.float32, device=y.device)
     target = target.expand(n, -1) if target.dim() == 1 or target.shape[0] == 1 else target
@@ -167,6 +172,8 @@ def match(model: UNet, y: Tensor, target: Tensor, lr: float = 0.01, max_steps: i
         vhat = v[idx] / (1 - betas[1] ** (t + 1))
         y[idx] = y[idx] - lr * mhat / (vhat.sqrt() + eps)
         steps[active] += 1
+        if tick is not None:
+            tick()
     return Match(y.detach(), steps, loss0, loss, batch_steps)
 
 
@@ -211,7 +218,7 @@ def _phi_target_fn(model: UNet, images: Tensor | np.ndarray | None, target: Tens
 
 def _sample_a(model: UNet, x: Tensor, targets: Callable[[float], Tensor] | None,
               index: Tensor, sch: Schedule, gen: torch.Generator,
-              amp_dtype: torch.dtype | None, callback: Callback | None):
+              amp_dtype: torch.dtype | None, callback: Callback | None, tick: Tick | None):
     """Algorithm A (SPEC §4): for σ_k decreasing, y = x + σ_k z; y = match(y, φ*_k); x = x̂(y)."""
     sigmas = sch.sigmas()
     steps = torch.zeros(x.shape[0], dtype=torch.long)
@@ -222,11 +229,13 @@ def _sample_a(model: UNet, x: Tensor, targets: Callable[[float], Tensor] | None,
         loss = float("nan")
         if targets is not None and sch.inner_steps > 0:        # guidance
             res = match(model, y, targets(sigma)[index], sch.lr, sch.inner_steps, sch.tol,
-                        amp_dtype)
+                        amp_dtype, tick=tick)
             y, steps, batch_steps = res.y, steps + res.steps, batch_steps + res.batch_steps
             loss = float(res.loss.mean())
         with torch.no_grad(), _autocast(x.device, amp_dtype):
             x = model(y).float()                                # full denoising step
+        if tick is not None:
+            tick()
         if callback is not None:
             callback({"level": k + 1, "levels": len(sigmas), "sigma": sigma, "loss": loss,
                       "steps": int(steps.sum())})
@@ -235,7 +244,7 @@ def _sample_a(model: UNet, x: Tensor, targets: Callable[[float], Tensor] | None,
 
 def _sample_b(model: UNet, x: Tensor, targets: Callable[[float], Tensor] | None,
               index: Tensor, sch: Schedule, gen: torch.Generator,
-              amp_dtype: torch.dtype | None, callback: Callback | None):
+              amp_dtype: torch.dtype | None, callback: Callback | None, tick: Tick | None):
     """Algorithm B (SPEC §4): per step, guidance; f = y − x̂(y); σ_t = ||f||/√D;
     γ_t = σ_t √((1 − βh)² − (1 − h)²); y ← y − h f + γ_t z; stop a sample when σ_t < σ_L."""
     n, d = x.shape[0], x[0].numel()
@@ -258,12 +267,15 @@ def _sample_b(model: UNet, x: Tensor, targets: Callable[[float], Tensor] | None,
             g_idx = snap.abs().argmin(dim=1)
             phis = torch.stack([targets(float(grid[j]))[index[i]]
                                 for i, j in zip(active.tolist(), g_idx.tolist())])
-            res = match(model, ya, phis, sch.lr, sch.inner_steps, sch.tol, amp_dtype)
+            res = match(model, ya, phis, sch.lr, sch.inner_steps, sch.tol, amp_dtype,
+                        tick=tick)
             ya, batch_steps = res.y, batch_steps + res.batch_steps
             steps[active] += res.steps
             loss = float(res.loss.mean())
         with torch.no_grad(), _autocast(x.device, amp_dtype):
             xa = model(ya).float()
+        if tick is not None:
+            tick()
         f = ya - xa                                             # (A, 3, H, W), the scaled score
         sig = (f.flatten(1).norm(dim=1) / math.sqrt(d)).cpu()   # noise level estimate per sample
         sigma[active] = sig
@@ -282,8 +294,8 @@ def reconstruct(model: UNet, target: Tensor | np.ndarray | None = None, *,
                 images: Tensor | np.ndarray | None = None, n: int = 8,
                 sch: Schedule | None = None, seed: int = 0, phi_config: PhiConfig | None = None,
                 mean_rgb: tuple[float, float, float] = IMAGENETTE_MEAN, size: int = 64,
-                amp_dtype: torch.dtype | None = None, callback: Callback | None = None
-                ) -> Reconstruction:
+                amp_dtype: torch.dtype | None = None, callback: Callback | None = None,
+                tick: Tick | None = None) -> Reconstruction:
     """Draw n samples per target (SPEC §4), on the model's device.
 
     images: (T, H, W, 3) uint8 or (T, 3, H, W) in [0, 1] -> σ-matched mode, φ*_k = φ(image; σ_k,
@@ -291,6 +303,8 @@ def reconstruct(model: UNet, target: Tensor | np.ndarray | None = None, *,
     Neither -> unconditional. Samples are target-major: sample i belongs to target i // n.
     The error is measured on the uint8-rounded samples with φ at phi_config's σ, draws and seed
     (a collection's settings for stored vectors), against φ* = the target, or φ(image; same).
+    callback gets a dict after each level; tick() runs after every network pass and may raise to
+    stop the run (nothing is returned then).
     """
     t0 = time.perf_counter()
     sch = sch or SCHEDULES["fast"]
@@ -329,7 +343,7 @@ def reconstruct(model: UNet, target: Tensor | np.ndarray | None = None, *,
     model.eval()
     try:
         x, steps, batch_steps, levels_run = run(model, x, targets, index, sch, gen, amp_dtype,
-                                                callback)
+                                                callback, tick)
     finally:
         model.train(was_training)
     samples = x.clamp(0, 1).cpu()

@@ -204,12 +204,30 @@ def test_reconstruct_a_search_hit_with_progress_and_errors(app):
     at.button(key="recon_run").click().run()
     ok(at)
     assert not at.error
-    errors = [c.value for c in at.caption if "φ error" in c.value]
-    assert len(errors) == 2
-    summary = at.session_state["recon_result"]["summary"]
+    res = at.session_state["recon_result"]
+    summary = res["summary"]
     assert summary["levels_run"] == 2 and len(summary["phi_rel_error"]) == 2
     assert all(np.isfinite(e) for e in summary["phi_rel_error"])
     assert at.get("progress")   # the progress bar the callback moved
+    # guided and unguided samples, each once, with its error against the index's mean φ and
+    # its nearest indexed images; the hit's class is the target's
+    assert len(res["guided"]) == len(res["unguided"]) == 2
+    hit = at.session_state["hits"][0]
+    assert res["label"] == (hit.payload.get("label_name") or str(hit.payload["label"]))
+    for r in res["guided"] + res["unguided"]:
+        assert np.isfinite(r.centered_error) and r.centered_error > 0
+        assert r.k == 10 and 1 <= r.majority_count <= 10 and len(r.neighbours) == 3
+        assert r.neighbours[0].distance <= r.neighbours[-1].distance
+    captions = [c.value for c in at.caption if c.value.startswith("#")]
+    assert len(captions) == 4 and all(" · error " in c for c in captions)
+    assert any("Estimated time: up to" in c.value for c in at.caption)
+    # results and settings survive a page switch
+    on_page(at, "search")
+    on_page(at, "reconstruct")
+    ok(at)
+    assert at.session_state["recon_result"] is res
+    assert at.number_input(key="recon_levels").value == 2
+    assert at.slider(key="recon_n").value == 2
 
 
 def test_a_held_store_gives_a_retry_message(app, store_cfg):

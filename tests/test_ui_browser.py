@@ -1,6 +1,8 @@
-"""One real browser session against `idx ui`: Debian's chromium driven by Playwright uploads an
-image on the Search page, waits for the hits, explains one, runs a short reconstruction and
-opens the Index page, with a screenshot of each (PHISEARCH_SCREENSHOTS, default tmp_path).
+"""Real browser sessions against `idx ui`: Debian's chromium driven by Playwright uploads an
+image on the Search page, waits for the hits, explains one, searches by key, opens the Index
+page; then opens the Clusters page, reconstructs a cluster's centre with its unguided
+comparison, cancels a long run, leaves the page during another, and makes a second tab wait
+for the first; with a screenshot of each page (PHISEARCH_SCREENSHOTS, default tmp_path).
 
 Needs /usr/bin/chromium (`apt-get install -y chromium`, done by scripts/install.sh as root) and
 the playwright package (the dev extra). Never `playwright install`: it downloads a browser."""
@@ -16,6 +18,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -49,10 +52,39 @@ def sync_playwright():
     return sync_playwright
 
 
+@dataclass(frozen=True)
+class Server:
+    url: str
+    pid: int      # the leader of its process group (idx ui, exec'd into streamlit)
+
+
+def cpu_seconds(pgid: int) -> float:
+    """CPU time (user + system) used so far by every process in the group."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:          # field 5 of stat: the process group
+            total += int(fields[11]) + int(fields[12])   # utime, stime (clock ticks)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def busy_fraction(pgid: int, seconds: float = 3.0) -> float:
+    """Share of one core the server used over the next `seconds`."""
+    before = cpu_seconds(pgid)
+    time.sleep(seconds)
+    return (cpu_seconds(pgid) - before) / seconds
+
+
 @pytest.fixture(scope="module")
 def server(sync_playwright, tmp_path_factory, mini_shard):
+    from phisearch.indexer.manage.cluster import ClusterConfig, cluster
+
     root = tmp_path_factory.mktemp("ui-browser")
     cfg = build_store(root, mini_shard)
+    cluster(cfg, ClusterConfig(method="kmeans", k=3))   # 3 clusters, no noise
     port = free_port()
     env = dict(os.environ, PHISEARCH_NO_PROGRESS="1",
                OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
@@ -77,7 +109,7 @@ def server(sync_playwright, tmp_path_factory, mini_shard):
             if time.monotonic() > deadline:
                 pytest.fail(f"idx ui did not answer in 120 s:\n{log_path.read_text()}")
             time.sleep(0.5)
-        yield url
+        yield Server(url, proc.pid)
     finally:   # always: the server is in its own session, so its group is ours to end
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -172,7 +204,7 @@ def test_search_explain_reconstruct_in_chromium(server, sync_playwright, mini_sh
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             page.set_default_timeout(WAIT_MS)
-            page.goto(server, wait_until="domcontentloaded")
+            page.goto(server.url, wait_until="domcontentloaded")
             page.get_by_role("heading", name="Search").wait_for()
             page.get_by_text("Upload an image, type an indexed key or pick a random indexed "
                              "image.").wait_for()
@@ -181,7 +213,7 @@ def test_search_explain_reconstruct_in_chromium(server, sync_playwright, mini_sh
             page.get_by_text("d = 0.000", exact=False).first.wait_for()
             settle(page)
             no_exception(page)
-            assert page.get_by_text(" · unclustered").count() >= 10
+            assert page.get_by_text(re.compile(r" · cluster \d")).count() >= 10
             shot(page, shots / "ui-search.png")
 
             page.get_by_role("button", name="Explain").nth(1).click()
@@ -190,22 +222,6 @@ def test_search_explain_reconstruct_in_chromium(server, sync_playwright, mini_sh
             settle(page)
             no_exception(page)
             shot(page, shots / "ui-explain.png")
-
-            page.get_by_role("link", name="Reconstruct").click()
-            page.get_by_role("heading", name="Reconstruct").wait_for()
-            settle(page)
-            for label, value in (("Levels (blank: the preset's)", "2"),
-                                 ("Guidance steps per level (blank: the preset's)", "2")):
-                box = page.get_by_label(label)
-                box.fill(value)
-                box.press("Enter")
-                settle(page)
-            page.get_by_role("button", name="Run reconstruction").click()
-            page.get_by_text("Median relative φ error").wait_for()
-            settle(page)
-            no_exception(page)
-            assert page.get_by_text(re.compile(r"^#\d+ φ error ")).count() == 4   # 4 samples
-            shot(page, shots / "ui-reconstruct.png")
 
             page.get_by_role("link", name="Index").click()
             page.get_by_role("heading", name="Index").wait_for()
@@ -217,5 +233,99 @@ def test_search_explain_reconstruct_in_chromium(server, sync_playwright, mini_sh
             search_by_key_then_more_like_this(page, key)
         finally:
             browser.close()
-    for name in ("ui-search.png", "ui-explain.png", "ui-reconstruct.png", "ui-index.png"):
+    for name in ("ui-search.png", "ui-explain.png", "ui-index.png"):
+        assert 10_000 < (shots / name).stat().st_size <= MAX_PNG + 200_000
+
+
+def set_number(page, label: str, value: str) -> None:
+    box = page.get_by_label(label)
+    box.fill(value)
+    box.press("Enter")
+    settle(page)
+
+
+def start_long_run(page) -> None:
+    """A reconstruction that would take many minutes; returns once it is under way."""
+    set_number(page, "Levels (blank: the preset's)", "100000")
+    page.get_by_role("button", name="Run reconstruction").click()
+    page.get_by_text(re.compile(r"guided samples: level \d+/100000")).wait_for()
+
+
+def test_clusters_reconstruct_cancel_and_leave_in_chromium(server, sync_playwright, shots):
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.set_default_timeout(WAIT_MS)
+            page.goto(server.url, wait_until="domcontentloaded")
+            page.get_by_role("heading", name="Search").wait_for()
+            # Clusters: the k-means clustering, "Open" shows a cluster's members
+            page.get_by_role("link", name="Clusters").click()
+            page.get_by_role("heading", name="Clusters").wait_for()
+            page.get_by_text("Clustered points").wait_for()
+            settle(page)
+            no_exception(page)
+            page.get_by_role("button", name="Open").nth(1).click()
+            page.get_by_text(re.compile(r"^\d+ members of cluster 1; showing")).wait_for()
+            settle(page)
+            shot(page, shots / "ui-clusters.png")
+
+            # its centre, reconstructed: the exemplars beside it, guided and unguided samples
+            page.get_by_role("button", name="Reconstruct centre").nth(1).click()
+            page.get_by_role("heading", name="Reconstruct").wait_for()
+            page.get_by_text("target: centre of cluster 1", exact=False).first.wait_for()
+            page.get_by_text("The cluster's exemplars").wait_for()
+            settle(page)
+            set_number(page, "Levels (blank: the preset's)", "2")
+            set_number(page, "Guidance steps per level (blank: the preset's)", "2")
+            assert page.get_by_text("Estimated time: up to").count() == 1
+            page.get_by_role("button", name="Run reconstruction").click()
+            page.get_by_text("Unguided samples (same sampler and seed, no target)").wait_for()
+            settle(page)
+            no_exception(page)
+            assert page.get_by_text(re.compile(r"^#\d+ · error \d")).count() == 8   # 4 + 4
+            assert page.get_by_text("φ error, guided (median)").count() == 1
+            shot(page, shots / "ui-reconstruct.png")
+
+            # Cancel: the run stops and the server's CPU goes quiet
+            start_long_run(page)
+            assert busy_fraction(server.pid, 2.0) > 0.4       # it is working
+            page.get_by_role("button", name="Cancel").click()
+            page.get_by_text("Cancelled after").wait_for()
+            settle(page)
+            assert busy_fraction(server.pid) < 0.2
+
+            # leaving the page stops a run too; the page says so when you come back
+            start_long_run(page)
+            page.get_by_role("link", name="Index").click()
+            page.get_by_role("heading", name="Index").wait_for()
+            settle(page)
+            assert busy_fraction(server.pid) < 0.2
+            page.get_by_role("link", name="Reconstruct").click()
+            page.get_by_text("The last run stopped when the page was left").wait_for()
+            # the settings survived the page switches
+            assert page.get_by_label("Levels (blank: the preset's)").input_value() == "100000"
+            settle(page)
+
+            # a second tab waits for the first tab's run, and runs when it is cancelled
+            start_long_run(page)
+            other = browser.new_page(viewport={"width": 1280, "height": 900})
+            other.set_default_timeout(WAIT_MS)
+            other.goto(f"{server.url}/reconstruct", wait_until="domcontentloaded")
+            other.get_by_role("heading", name="Reconstruct").wait_for()
+            other.get_by_text("Search hit").first.wait_for()
+            settle(other)
+            other.get_by_text("Cluster centre").first.click()
+            settle(other)
+            set_number(other, "Levels (blank: the preset's)", "2")
+            other.get_by_role("button", name="Run reconstruction").click()
+            other.get_by_text("Waiting for another reconstruction to finish").wait_for()
+            page.get_by_role("button", name="Cancel").click()
+            other.get_by_text("φ error, guided (median)").wait_for()
+            settle(other)
+            no_exception(other)
+            no_exception(page)
+        finally:
+            browser.close()
+    for name in ("ui-clusters.png", "ui-reconstruct.png"):
         assert 10_000 < (shots / name).stat().st_size <= MAX_PNG + 200_000

@@ -118,6 +118,20 @@ class Hit:
     dot: float | None = None
 
 
+def hit_of(p: Any, with_vectors: bool, score: str | None = None) -> Hit:
+    """A Hit from a point as either engine returns it (Edge and qdrant-client records share
+    id, payload, score and a {name: vector} dict); `score` names the Hit field it fills."""
+    hit = Hit(id=str(p.id), payload=dict(p.payload or {}))
+    if score is not None:
+        setattr(hit, score, float(p.score))
+    if with_vectors and isinstance(p.vector, dict):
+        if DENSE in p.vector:
+            hit.vector = np.asarray(p.vector[DENSE], dtype=np.float32)
+        sp = p.vector.get(SPARSE)
+        hit.sparse = (list(sp.indices), list(sp.values)) if sp is not None else ([], [])
+    return hit
+
+
 class Cond(NamedTuple):
     """One backend-neutral filter condition; each backend translates these once."""
 
@@ -225,11 +239,28 @@ class Store(ABC):
     @abstractmethod
     def count(self, filter: dict | None = None) -> int: ...
     @abstractmethod
-    def search(self, vector: np.ndarray, limit: int = 10, filter: dict | None = None,
-               with_vectors: bool = False) -> list[Hit]: ...
+    def _query(self, query: Any, using: str, limit: int, filter: dict | None,
+               with_vectors: bool, score: str) -> list[Hit]:
+        """Nearest points to `query` in the vector named `using`; Hits with `score` set."""
     @abstractmethod
+    def _sparse(self, indices: list[int], values: list[float]) -> Any:
+        """The engine's sparse-vector object."""
+
+    def search(self, vector: np.ndarray, limit: int = 10, filter: dict | None = None,
+               with_vectors: bool = False) -> list[Hit]:
+        """Nearest by Euclidean distance in the dense readout, ascending (0.0 for the point
+        itself: both engines return the true distance)."""
+        vec = np.asarray(vector, dtype=np.float32).ravel().tolist()
+        return self._query(vec, DENSE, limit, filter, with_vectors, "distance")
+
     def search_sparse(self, indices: list[int], values: list[float], limit: int = 10,
-                      filter: dict | None = None) -> list[Hit]: ...
+                      filter: dict | None = None) -> list[Hit]:
+        """Largest dot product with the sparse middle-block vector, descending."""
+        if len(indices) == 0:
+            return []
+        sv = self._sparse([int(i) for i in indices], [float(v) for v in values])
+        return self._query(sv, SPARSE, limit, filter, False, "dot")
+
     @abstractmethod
     def retrieve(self, ids: list[str], with_vectors: bool = True) -> list[Hit]: ...
     @abstractmethod

@@ -14,7 +14,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from phisearch.indexer.store import edge_files as files
 from phisearch.indexer.store.base import (
     DENSE,
@@ -31,6 +30,7 @@ from phisearch.indexer.store.base import (
     check_name,
     dense_list,
     group_payloads,
+    hit_of,
     parse_filter,
     plain,
     prepare_meta,
@@ -189,17 +189,6 @@ class EdgeStore(Store):
         with self._errors("count"):
             return int(self.shard.count(self.qe.CountRequest(exact=True, filter=flt)))
 
-    def _hit(self, p: Any, with_vectors: bool, score: str | None = None) -> Hit:
-        hit = Hit(id=str(p.id), payload=dict(p.payload or {}))
-        if score is not None:
-            setattr(hit, score, float(p.score))
-        if with_vectors and p.vector:
-            if DENSE in p.vector:
-                hit.vector = np.asarray(p.vector[DENSE], dtype=np.float32)
-            sp = p.vector.get(SPARSE)
-            hit.sparse = (list(sp.indices), list(sp.values)) if sp is not None else ([], [])
-        return hit
-
     def _query(self, vec: Any, using: str, limit: int, filter: dict | None,
                with_vectors: bool, score: str) -> list[Hit]:
         if self.shard is None:
@@ -210,21 +199,10 @@ class EdgeStore(Store):
                               with_vector=with_vectors)
         with self._errors("search"):
             found = self.shard.query(req)
-        return [self._hit(p, with_vectors, score) for p in found]
+        return [hit_of(p, with_vectors, score) for p in found]
 
-    def search(self, vector: np.ndarray, limit: int = 10, filter: dict | None = None,
-               with_vectors: bool = False) -> list[Hit]:
-        # Edge scores Euclid as the true distance (0.0 for the point itself), ascending.
-        vec = np.asarray(vector, dtype=np.float32).ravel().tolist()
-        return self._query(vec, DENSE, limit, filter, with_vectors, "distance")
-
-    def search_sparse(self, indices: list[int], values: list[float], limit: int = 10,
-                      filter: dict | None = None) -> list[Hit]:
-        if len(indices) == 0:
-            return []
-        sv = self.qe.SparseVector(indices=[int(i) for i in indices],
-                                  values=[float(v) for v in values])
-        return self._query(sv, SPARSE, limit, filter, False, "dot")
+    def _sparse(self, indices: list[int], values: list[float]) -> Any:
+        return self.qe.SparseVector(indices=indices, values=values)
 
     def retrieve(self, ids: list[str], with_vectors: bool = True) -> list[Hit]:
         if self.shard is None or not ids:
@@ -232,7 +210,7 @@ class EdgeStore(Store):
         # Both flags are required by the binding (TypeError otherwise), though stubbed optional.
         with self._errors("retrieve"):
             recs = self.shard.retrieve([str(i) for i in ids], True, with_vectors)
-        by_id = {str(r.id): self._hit(r, with_vectors) for r in recs}
+        by_id = {str(r.id): hit_of(r, with_vectors) for r in recs}
         return [by_id[str(i)] for i in dict.fromkeys(ids) if str(i) in by_id]
 
     def scroll(self, filter: dict | None = None, with_vectors: bool = False,
@@ -246,7 +224,7 @@ class EdgeStore(Store):
                     offset=offset, limit=batch, filter=flt, with_payload=True,
                     with_vector=with_vectors))
             for r in recs:
-                yield self._hit(r, with_vectors)
+                yield hit_of(r, with_vectors)
             if offset is None or not recs:
                 return
 

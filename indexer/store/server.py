@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any, TypeVar
 
-import numpy as np
 from phisearch.indexer.store.base import (
     DENSE,
     INDEXES,
@@ -35,6 +34,7 @@ from phisearch.indexer.store.base import (
     check_name,
     dense_list,
     group_payloads,
+    hit_of,
     parse_filter,
     plain,
     prepare_meta,
@@ -202,18 +202,6 @@ class ServerStore(Store):
         except Missing:
             return 0
 
-    @staticmethod
-    def _hit(p: Any, with_vectors: bool, score: str | None = None) -> Hit:
-        hit = Hit(id=str(p.id), payload=dict(p.payload or {}))
-        if score is not None:
-            setattr(hit, score, float(p.score))
-        if with_vectors and isinstance(p.vector, dict):
-            if DENSE in p.vector:
-                hit.vector = np.asarray(p.vector[DENSE], dtype=np.float32)
-            sp = p.vector.get(SPARSE)
-            hit.sparse = (list(sp.indices), list(sp.values)) if sp is not None else ([], [])
-        return hit
-
     def _query(self, query: Any, using: str, limit: int, filter: dict | None,
                with_vectors: bool, score: str) -> list[Hit]:
         try:
@@ -224,19 +212,10 @@ class ServerStore(Store):
         except Missing:
             return []
         # Euclid scores come back as distances already (sqrt applied server-side).
-        return [self._hit(p, with_vectors, score) for p in res.points]
+        return [hit_of(p, with_vectors, score) for p in res.points]
 
-    def search(self, vector: np.ndarray, limit: int = 10, filter: dict | None = None,
-               with_vectors: bool = False) -> list[Hit]:
-        vec = np.asarray(vector, dtype=np.float32).ravel().tolist()
-        return self._query(vec, DENSE, limit, filter, with_vectors, "distance")
-
-    def search_sparse(self, indices: list[int], values: list[float], limit: int = 10,
-                      filter: dict | None = None) -> list[Hit]:
-        if len(indices) == 0:
-            return []
-        sv = models.SparseVector(indices=[int(i) for i in indices], values=[float(v) for v in values])
-        return self._query(sv, SPARSE, limit, filter, False, "dot")
+    def _sparse(self, indices: list[int], values: list[float]) -> Any:
+        return models.SparseVector(indices=indices, values=values)
 
     def retrieve(self, ids: list[str], with_vectors: bool = True) -> list[Hit]:
         if not ids:
@@ -247,7 +226,7 @@ class ServerStore(Store):
                                             with_vectors=with_vectors)
         except Missing:
             return []
-        by_id = {str(r.id): self._hit(r, with_vectors) for r in recs}
+        by_id = {str(r.id): hit_of(r, with_vectors) for r in recs}
         return [by_id[str(i)] for i in dict.fromkeys(ids) if str(i) in by_id]
 
     def scroll(self, filter: dict | None = None, with_vectors: bool = False,
@@ -262,7 +241,7 @@ class ServerStore(Store):
             except Missing:
                 return
             for r in recs:
-                yield self._hit(r, with_vectors)
+                yield hit_of(r, with_vectors)
             if offset is None or not recs:
                 return
 

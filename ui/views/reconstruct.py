@@ -70,11 +70,23 @@ unguided = st.checkbox("Also draw unguided samples (same sampler and seed, no ta
                        "chance looks like", value=True, key="recon_unguided",
                        persist_state="session")
 sch = rc.schedule(preset, levels=levels, inner_steps=steps)
+
+
+@st.cache_resource(show_spinner=False)
+def calibration() -> dict:
+    """Server-wide: the last run's time over its estimate (a busy machine runs slower than the
+    probe measured), applied to the next estimate."""
+    return {"ratio": 1.0}
+
+
 times = rr.pass_times(emb.checkpoint.model, n, sch.draws)
-most = rr.estimate_seconds(times, sch, choice.images is not None, unguided)
+ratio = calibration()["ratio"]
+raw = rr.estimate_seconds(times, sch, choice.images is not None, unguided)
+most = ratio * raw
 eta = (f"Estimated time: up to {rr.duration_text(most)} here ({sch.levels} levels, up to "
        f"{sch.inner_steps} guidance steps each, {n} samples"
        + ("; the adaptive sampler usually stops far earlier" if sch.algorithm == "B" else "")
+       + (f"; {ratio:.1f}x the probe's figure, as the last run took" if ratio != 1.0 else "")
        + ").")
 if most > SLOW_S:
     st.warning(eta)
@@ -107,7 +119,8 @@ def run_now() -> dict:
     t0 = time.perf_counter()
     ss[RUNNING] = {"started": time.time()}
     status = st.empty()
-    st.button("Cancel", key="recon_cancel", on_click=stopped_note)
+    cancel = st.empty()
+    cancel.button("Cancel", key="recon_cancel", on_click=stopped_note)
     bar = st.progress(0.0, text="starting...")
     lock = common.compute_lock()
     while not lock.acquire(timeout=0.5):
@@ -144,6 +157,7 @@ def run_now() -> dict:
             recs[name] = rc.reconstruct(emb.checkpoint.model, choice.mid, images=choice.images,
                                         n=n, sch=s, seed=int(seed), phi_config=emb.phi,
                                         callback=on_level, tick=tick)
+        sampled = time.perf_counter() - t0
         bar.progress(1.0, text="finding each sample's nearest indexed images...")
         target_mid = recs["guided"].phi_target[0].numpy()
         with common.guard(), h.use() as store:
@@ -153,6 +167,8 @@ def run_now() -> dict:
     finally:
         lock.release()
     seconds = time.perf_counter() - t0
+    calibration()["ratio"] = min(max((sampled - waited) / raw, 0.5), 10.0)
+    cancel.empty()
     bar.progress(1.0, text=f"done in {seconds:.1f} s" + (f" ({waited:.0f} s of it waiting for "
                                                          "another reconstruction)"
                                                          if waited >= 1 else ""))
@@ -196,8 +212,8 @@ def sample_row(reports: list[rr.SampleReport], title: str, label: str | None) ->
                            f"{r.majority or 'unlabelled'} {r.majority_count}/{r.k}{same}")
                 thumbs = [base64.b64decode(x.thumb) for x in r.neighbours if x.thumb]
                 if thumbs:
-                    st.image(thumbs, width=40,
-                             caption=[x.label or "?" for x in r.neighbours if x.thumb])
+                    st.image(thumbs, width=40)
+                st.caption("nearest: " + ", ".join(x.label or "no label" for x in r.neighbours))
 
 
 res = ss.get("recon_result")
@@ -220,7 +236,7 @@ if res:
                             else "."))
     st.caption("Error 1 means the sample's φ is no closer to the target's than the average "
                "image's is; ✓ marks a sample whose nearest images share the target's class. "
-               "Under each sample: its three nearest indexed images and their labels.")
+               "Under each sample: its three nearest indexed images.")
     sample_row(g, "Guided samples", res["label"])
     if u:
         sample_row(u, "Unguided samples (same sampler and seed, no target)", res["label"])

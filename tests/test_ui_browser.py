@@ -168,6 +168,15 @@ def no_exception(page) -> None:
     assert page.locator('[data-testid="stException"]').count() == 0, page.content()[-3000:]
 
 
+def open_app(browser, url: str):
+    """A new tab on the app, waited for: its first page's heading is there."""
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.set_default_timeout(WAIT_MS)
+    page.goto(url, wait_until="domcontentloaded")
+    page.get_by_role("heading").first.wait_for()
+    return page
+
+
 def search_by_key_then_more_like_this(page, key: str) -> None:
     """Search page: the key typed in the box finds its image first, marked as the query; "More
     like this" under the second hit makes that hit the query."""
@@ -202,9 +211,7 @@ def test_search_explain_reconstruct_in_chromium(server, sync_playwright, mini_sh
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.set_default_timeout(WAIT_MS)
-            page.goto(server.url, wait_until="domcontentloaded")
+            page = open_app(browser, server.url)
             page.get_by_role("heading", name="Search").wait_for()
             page.get_by_text("Upload an image, type an indexed key or pick a random indexed "
                              "image.").wait_for()
@@ -255,9 +262,7 @@ def test_clusters_reconstruct_cancel_and_leave_in_chromium(server, sync_playwrig
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.set_default_timeout(WAIT_MS)
-            page.goto(server.url, wait_until="domcontentloaded")
+            page = open_app(browser, server.url)
             page.get_by_role("heading", name="Search").wait_for()
             # Clusters: the k-means clustering, "Open" shows a cluster's members
             page.get_by_role("link", name="Clusters").click()
@@ -309,9 +314,7 @@ def test_clusters_reconstruct_cancel_and_leave_in_chromium(server, sync_playwrig
 
             # a second tab waits for the first tab's run, and runs when it is cancelled
             start_long_run(page)
-            other = browser.new_page(viewport={"width": 1280, "height": 900})
-            other.set_default_timeout(WAIT_MS)
-            other.goto(f"{server.url}/reconstruct", wait_until="domcontentloaded")
+            other = open_app(browser, f"{server.url}/reconstruct")
             other.get_by_role("heading", name="Reconstruct").wait_for()
             other.get_by_text("Search hit").first.wait_for()
             settle(other)

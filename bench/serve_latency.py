@@ -119,32 +119,6 @@ def handover(cfg: StoreConfig, url: str, request, n: int = 10) -> dict:
     return {"writer_waits": pct(give), "next_request": pct(back)}
 
 
-def model_thread_ab(meta: dict, rounds: int = 6, n: int = 20) -> dict:
-    """φ of one image from request-like pool threads (A) vs on the one model thread (B), each
-    measured right after a burst of 16 concurrent passes, alternating which goes first."""
-    from phisearch.indexer.model.embedder import Embedder
-
-    emb = Embedder.from_meta(meta, "cpu")
-    img = np.zeros((1, 64, 64, 3), np.uint8)
-    img[:, 16:48] = 200
-    pool = ThreadPoolExecutor(40)                       # like anyio's worker threads
-    ways = {"pool_threads": lambda: pool.submit(emb, img).result(),
-            "model_thread": lambda: pool.submit(emb.on_model_thread, img).result()}
-    got: dict[str, list[float]] = {k: [] for k in ways}
-    for r in range(rounds):
-        list(pool.map(lambda _: emb(img), range(16)))   # the burst
-        for name in (list(ways) if r % 2 == 0 else list(ways)[::-1]):
-            ways[name]()
-            ts = []
-            for _ in range(n):
-                t0 = time.perf_counter()
-                ways[name]()
-                ts.append(time.perf_counter() - t0)
-            got[name].append(round(1000 * statistics.median(ts), 1))
-    pool.shutdown()
-    return {k: {"p50_ms_per_round": v, "median_ms": statistics.median(v)} for k, v in got.items()}
-
-
 def synthetic(src: StoreConfig, dst: StoreConfig, n: int) -> None:
     """A collection of n random points with src's metadata (skipped when it is there)."""
     with open_store(src) as s:
@@ -221,9 +195,6 @@ def main() -> None:
         return
     result = {"threads": torch.get_num_threads(), "cpus": os.cpu_count(),
               "runs": [run(cfg, "real", jpg, args.n)]}
-    with open_store(cfg) as st:
-        result["model_thread_ab"] = model_thread_ab(st.meta())
-    print("model_thread_ab", json.dumps(result["model_thread_ab"]), file=sys.stderr)
     if args.synthetic:
         synthetic(cfg, syn, args.synthetic)
         result["runs"].append(run(syn, f"synthetic {args.synthetic}", jpg, args.n))

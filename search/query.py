@@ -92,7 +92,7 @@ class Target:
 
 def target_from_image(data: bytes, embedder: Embedder) -> Target:
     img = images.decode(data)  # raises images.BadImage with a reason
-    dense, mid = embedder.on_model_thread(img[None])
+    dense, mid = embedder(img[None])
     return Target(dense[0], mid[0])
 
 

@@ -137,7 +137,7 @@ class Service:
             raise ApiError(status, "bad_image", f"cannot use this image: {e}",
                            reason=e.reason) from None
         emb = self.embedder(meta)
-        dense, mid = emb.on_model_thread(img[None])
+        dense, mid = emb(img[None])
         return dense[0], mid[0], emb
 
     def health(self) -> dict:

@@ -3,8 +3,6 @@ vectors, and the identity a collection records so it can refuse vectors made any
 
 from __future__ import annotations
 
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,20 +21,6 @@ def pick_device(name: str = "auto") -> torch.device:
     if name not in ("cpu", "cuda"):
         raise ValueError(f'unknown device "{name}"; use auto, cpu or cuda')
     return torch.device(name)
-
-
-_MODEL_THREAD: ThreadPoolExecutor | None = None
-_MODEL_THREAD_LOCK = threading.Lock()
-
-
-def model_thread() -> ThreadPoolExecutor:
-    """The one process-wide thread that servers run φ passes on (started on first use, so
-    that importing this module starts no thread)."""
-    global _MODEL_THREAD
-    with _MODEL_THREAD_LOCK:
-        if _MODEL_THREAD is None:
-            _MODEL_THREAD = ThreadPoolExecutor(1, thread_name_prefix="phi")
-        return _MODEL_THREAD
 
 
 def sparse_of(mid: np.ndarray) -> list[tuple[list[int], list[float]]]:
@@ -116,12 +100,3 @@ class Embedder:
         f = features(self.checkpoint.model, images, self.phi.sigma, self.phi.effective_draws,
                      self.phi.seed, taps)
         return self.readout.vectors(f), f[MID].numpy()
-
-    def on_model_thread(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """__call__ on the one model thread, for callers that answer requests from many threads
-        (`idx serve`, the UI's search). Each thread that calls torch on a CPU gets its own pool
-        of OpenMP workers, and concurrent passes oversubscribe the cores; one thread keeps one
-        pool and runs passes in turn (on 2 cores concurrent passes gain nothing). Measured by
-        bench/serve_latency.py (`model_thread_ab`): a lone pass after a burst of concurrent ones
-        is a few percent faster this way."""
-        return model_thread().submit(self, images).result()

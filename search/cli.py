@@ -202,8 +202,7 @@ def reconstruct(
         raise UserError(str(e)) from None
     finally:
         bar.close()
-    tiles = ([first] if first is not None else []) + list(
-        (rec.samples.permute(0, 2, 3, 1) * 255).round().byte().numpy())
+    tiles = ([first] if first is not None else []) + list(rec.images())
     out.parent.mkdir(parents=True, exist_ok=True)
     rc.grid(tiles).save(out)
     result = rc.summary(rec)

@@ -196,6 +196,10 @@ class Reconstruction:
     phi_config: PhiConfig           # σ, draws and seed of the final φ measurement
     steps_per_sample: np.ndarray    # (N,) guidance steps per sample
 
+    def images(self) -> np.ndarray:
+        """The samples as (N, H, W, 3) uint8: what is shown, and what the error is measured on."""
+        return as_uint8(self.samples)
+
 
 Callback = Callable[[dict], None]
 

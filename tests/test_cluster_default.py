@@ -18,8 +18,7 @@ from phisearch.indexer.model.config import PhiConfig
 from phisearch.indexer.store import StoreConfig, open_store
 from PIL import Image
 from streamlit.testing.v1 import AppTest
-
-APP = str(Path(__file__).resolve().parent.parent / "ui" / "app.py")
+from test_ui_apptest import APP, use_store
 
 
 @pytest.fixture
@@ -101,14 +100,6 @@ def test_a_build_after_clustering_marks_it_stale(store, tmp_path, mini_shard, ti
     assert "STALE" not in clustering_line(fresh) and "103 points clustered" in clustering_line(fresh)
 
 
-def use_store(monkeypatch, cfg: StoreConfig) -> None:
-    monkeypatch.setenv("PHISEARCH_UI_STORE", cfg.path)
-    monkeypatch.setenv("PHISEARCH_UI_COLLECTION", cfg.collection)
-    monkeypatch.setenv("PHISEARCH_UI_DEVICE", "cpu")
-    monkeypatch.setenv("PHISEARCH_UI_HOLD_S", "0")
-    monkeypatch.delenv("PHISEARCH_UI_QDRANT_URL", raising=False)
-
-
 def test_ui_counts_clustered_and_noise_and_shows_stale(monkeypatch, store, tmp_path, mini_shard,
                                                        tiny_ckpt):
     # HDBSCAN in the full space with these sizes leaves noise on the mini store: both counts show
@@ -116,7 +107,7 @@ def test_ui_counts_clustered_and_noise_and_shows_stale(monkeypatch, store, tmp_p
                                        min_samples=1))
     noise = out["noise"]
     assert 0 < noise < 100
-    use_store(monkeypatch, store)
+    use_store(monkeypatch, store, hold_s="0")
     at = AppTest.from_file(APP, default_timeout=180).run()
     at = at.switch_page("views/clusters.py").run()
     assert not at.exception, [e.value for e in at.exception]

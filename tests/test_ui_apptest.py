@@ -39,12 +39,13 @@ def store_cfg(tmp_path_factory, mini_shard) -> StoreConfig:
     return build_store(tmp_path_factory.mktemp("ui"), mini_shard)
 
 
-def use_store(monkeypatch, cfg: StoreConfig) -> None:
+def use_store(monkeypatch, cfg: StoreConfig, hold_s: str = "2") -> None:
+    """The UI's environment for cfg. By default the handle is released 2 s after the last use:
+    the tests' own opens (busy_wait 10 s) get in after it."""
     monkeypatch.setenv("PHISEARCH_UI_STORE", cfg.path)
     monkeypatch.setenv("PHISEARCH_UI_COLLECTION", cfg.collection)
     monkeypatch.setenv("PHISEARCH_UI_DEVICE", "cpu")
-    # Released 2 s after the last use: the tests' own opens (busy_wait 10 s) get in after it.
-    monkeypatch.setenv("PHISEARCH_UI_HOLD_S", "2")
+    monkeypatch.setenv("PHISEARCH_UI_HOLD_S", hold_s)
     monkeypatch.delenv("PHISEARCH_UI_QDRANT_URL", raising=False)
 
 

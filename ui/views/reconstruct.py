@@ -38,8 +38,8 @@ on_cpu = emb.device.type == "cpu"
 
 
 def stopped_note() -> None:
-    """A run that did not reach its end: Cancel (the button's callback runs first) or the
-    page was left or rerun meanwhile."""
+    """Cancel's callback: it runs before the rerun that stops the run, so the note can say
+    how long the run had gone."""
     run = ss.pop(RUNNING, None)
     if run:
         ss["recon_note"] = (f"Cancelled after {time.time() - run['started']:.0f} s: nothing was "
@@ -162,7 +162,7 @@ def run_now() -> dict:
         target_mid = recs["guided"].phi_target[0].numpy()
         with common.guard(), h.use() as store:
             mean_mid = common.catalog(store, meta).mid.mean(0)
-            reports = {name: rr.describe(store, emb, as_images(r), target_mid, mean_mid)
+            reports = {name: rr.describe(store, emb, r.images(), target_mid, mean_mid)
                        for name, r in recs.items()}
     finally:
         lock.release()
@@ -177,10 +177,6 @@ def run_now() -> dict:
             "exemplars": choice.exemplars, "guided": reports["guided"],
             "unguided": reports.get("unguided"), "summary": rc.summary(recs["guided"]),
             "seconds": seconds, "waited": waited, "schedule": preset}
-
-
-def as_images(rec: rc.Reconstruction) -> np.ndarray:
-    return (rec.samples.permute(0, 2, 3, 1) * 255).round().byte().numpy()
 
 
 if st.button("Run reconstruction", type="primary", key="recon_run"):

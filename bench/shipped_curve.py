@@ -1,0 +1,113 @@
+"""The long learning curve of small64 past its first shipped checkpoint, from results already
+measured: every `bench/results/draws_sweep_<step>.json` (the paper's φ and the default readout,
+σ 0.2, 4 draws, kNN@10 on test and validation queries, with the untrained network and 16x16
+pixels scored by the same code on the same images) and the periodic PSNR at σ 0.1 that
+`idx train` records on 256 test images.
+
+    python bench/shipped_curve.py [--run runs/small64]
+
+With --run, the run's PSNR history is copied to bench/results/psnr_history_small64.json (the
+run folder is not committed); without it that file is read. Writes docs/shipped_curve.png and
+prints the markdown table of the model card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+READOUTS = {"mid": "paper's φ (`mid` raw)", "blocks+white128+l2": "default `blocks+white128+l2`"}
+
+
+def points() -> tuple[dict[int, dict], dict[str, dict], dict]:
+    """({step: {readout: {test, val}}}, {readout: untrained {test, val}}, pixels16 {test, val})."""
+    nets: dict[int, dict] = {}
+    untrained: dict[str, dict] = {}
+    pixels: dict = {}
+    for f in sorted(RESULTS.glob("draws_sweep_*.json")):
+        if not re.fullmatch(r"draws_sweep_\d+\.json", f.name):
+            continue
+        d = json.loads(f.read_text())
+        pixels = {s: d["pixels16"][s]["knn@10"] for s in ("test", "val")}
+        for r in d["rows"]:
+            if r["sigma"] != 0.2 or r["draws"] != 4 or r["readout"] not in READOUTS:
+                continue
+            knn = {s: r[s]["knn@10"] for s in ("test", "val")}
+            if r["net"] == "untrained":
+                untrained[r["readout"]] = knn
+                continue
+            step = int(re.search(r"(\d+) steps", r["net"]).group(1))
+            nets.setdefault(step, {})[r["readout"]] = knn
+    return dict(sorted(nets.items())), untrained, pixels
+
+
+def psnr_history(run: Path | None) -> list[dict]:
+    out = RESULTS / "psnr_history_small64.json"
+    if run is not None:
+        hist = json.loads((run / "model.json").read_text())["psnr_history"]
+        out.write_text(json.dumps({"source": f"{run}/model.json psnr_history (σ 0.1, 256 "
+                                             "imagenette test images, every 10 minutes)",
+                                   "history": hist}, indent=1))
+    return json.loads(out.read_text())["history"]
+
+
+def plot(nets: dict, untrained: dict, pixels: dict, hist: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
+    steps = list(nets)
+    for (readout, name), color in zip(READOUTS.items(), ("tab:blue", "tab:orange")):
+        for split, style in (("test", "-o"), ("val", "--s")):
+            ys = [nets[s][readout][split] for s in steps]
+            ax.plot(steps, ys, style, color=color, ms=4, label=f"{name}, {split}")
+            ax.axhline(untrained[readout][split], color=color, lw=0.8,
+                       ls=":" if split == "val" else "-.")
+    ax.axhline(pixels["test"], color="gray", lw=0.8, ls="-.")
+    ax.text(steps[0], untrained["mid"]["test"] + 0.004, "untrained (same readout)", fontsize=7)
+    ax.text(steps[0], pixels["test"] - 0.012, "16x16 pixels", fontsize=7, color="gray")
+    ax.set(xlabel="training step (batch 32)", ylabel="kNN@10 (1,000 queries, ±0.016)",
+           title="retrieval: trained (markers) vs untrained (thin lines)")
+    ax.legend(fontsize=7, loc="center right")
+    hx = [h for h in hist if h["step"] >= 2000]
+    bx.plot([h["step"] for h in hx], [h["psnr_0_1"] for h in hx], ".-", ms=3)
+    bx.set(xlabel="training step", ylabel="PSNR at σ 0.1 (dB, 256 test images)",
+           title="denoising")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+
+
+def table(nets: dict, untrained: dict, hist: list[dict]) -> str:
+    def psnr_at(step: int) -> str:
+        near = [h for h in hist if abs(h["step"] - step) <= 400]
+        return f"{max(near, key=lambda h: -abs(h['step'] - step))['psnr_0_1']:.2f}" if near \
+            else "–"
+    head = "| step | PSNR σ 0.1 | " + " | ".join(READOUTS.values()) + " |"
+    rows = [head, "|" + "---|" * (2 + len(READOUTS))]
+    for s, r in nets.items():
+        cells = [f"{r[k]['test']:.3f} ({r[k]['val']:.3f})" for k in READOUTS]
+        rows.append(f"| {s:,} | {psnr_at(s)} | " + " | ".join(cells) + " |")
+    cells = [f"{untrained[k]['test']:.3f} ({untrained[k]['val']:.3f})" for k in READOUTS]
+    rows.append("| untrained | – | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--run", type=Path, default=None)
+    ap.add_argument("--png", type=Path, default=REPO / "docs" / "shipped_curve.png")
+    a = ap.parse_args()
+    nets, untrained, pixels = points()
+    hist = psnr_history(a.run)
+    plot(nets, untrained, pixels, hist, a.png)
+    print(table(nets, untrained, hist))
+    print(f"\nwrote {a.png}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""Evaluate the latest weights of a training run and ship them as the built-in `small64` when
+they qualify (issue 18's rule). Every step is a command that could be run by hand:
+
+ 1. snapshot RUN/model.safetensors (+ .json) into runs/ship/small64-STEP.* (the run keeps training);
+ 2. bench/draws_sweep.py: the snapshot, the shipped weights and the untrained network on the same
+    images, σ 0.2, 1-4 draws, test (test-000000) and validation (test-000001) queries against
+    train 0-4 -> bench/results/draws_sweep_STEP.json;
+ 3. the rule: ship when validation kNN@10 rises for the default readout or the paper's φ, and
+    no test kNN@10 of either falls by more than the noise of 1,000 queries (0.016);
+ 4. idx fit-readout: the whitenings of the default readout and of white256 (σ 0.2, 4 draws,
+    train 0-4), fitted for these weights;
+ 5. idx denoise-eval on 1,000 test images;
+ 6. checkpoint.ship: fp16 copy into indexer/model/checkpoints/small64.*;
+ 7. idx eval of the shipped file -> bench/results/eval_small64.{json,md}, summarized in its JSON.
+
+    python scripts/ship_small64.py --run runs/small64 [--dry-run] [--force]
+
+--dry-run stops after the decision. Threads: OMP_NUM_THREADS (1 beside a training run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = Path(os.environ.get("PHISEARCH_DATA", REPO.parent / "shared" / "data")) / "imagenette-64"
+QUERIES = str(DATA / "imagenette-test-000000.tar")
+VAL = str(DATA / "imagenette-test-000001.tar")
+GALLERY = str(DATA / "imagenette-train-{000000..000004}.tar")
+NOISE = 0.016          # ± of kNN@10 on 1,000 queries (binomial, p ≈ 0.5: 1.0 standard error)
+IDX = [str(Path(sys.executable).parent / "idx")]   # the environment's own CLI
+
+
+def run(cmd: list[str], stdout: Path | None = None) -> None:
+    print("$", " ".join(cmd), flush=True)
+    with open(stdout, "w") if stdout else open(os.devnull, "w") as out:
+        subprocess.run(cmd, check=True, cwd=REPO, stdout=out if stdout else None)
+
+
+def snapshot(run_dir: Path, dst_dir: Path) -> tuple[Path, int]:
+    """Copy the run's weights and record; refuse a pair written by two different saves."""
+    from phisearch.indexer.model import checkpoint as ckpt
+    info = json.loads((run_dir / "model.json").read_text())
+    step = int(info["steps"])
+    dst = dst_dir / f"small64-{step}.safetensors"
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(run_dir / "model.safetensors", dst)
+    shutil.copy2(run_dir / "model.json", dst.with_suffix(".json"))
+    c = ckpt.load(dst)
+    if c.sha256 != c.info.get("weights_sha256"):
+        raise SystemExit(f"{run_dir}: weights and record come from two saves; run again")
+    return dst, step
+
+
+def knn10(sweep: dict, net_prefix: str, readout: str) -> dict[str, float]:
+    """{'test': .., 'val': ..} kNN@10 at σ 0.2, 4 draws, of the first net whose label starts so."""
+    for r in sweep["rows"]:
+        if r["net"].startswith(net_prefix) and r["readout"] == readout and r["draws"] == 4 \
+                and r["sigma"] == 0.2:
+            return {"test": r["test"]["knn@10"], "val": r["val"]["knn@10"]}
+    raise KeyError((net_prefix, readout))
+
+
+def decide(sweep: dict, new: str, default_readout: str) -> tuple[bool, list[str]]:
+    """The shipping rule; returns (ship?, one line per readout)."""
+    lines, rises, falls = [], False, False
+    for readout in ("mid", default_readout):
+        old, cand = knn10(sweep, "small64 (", readout), knn10(sweep, new, readout)
+        d_val, d_test = cand["val"] - old["val"], cand["test"] - old["test"]
+        rises |= d_val > 0
+        falls |= d_test < -NOISE
+        lines.append(f"{readout}: val {old['val']:.3f} -> {cand['val']:.3f} ({d_val:+.3f}), "
+                     f"test {old['test']:.3f} -> {cand['test']:.3f} ({d_test:+.3f})")
+    return rises and not falls, lines
+
+
+def eval_summary(ev: dict, fp16: dict | None = None) -> dict:
+    """The checkpoint JSON's `eval` record from `idx eval --json`."""
+    reps = ev["representations"]
+    keys = ("phi", "phi_mid_raw", "pixels", "pixels16", "random_init", "random_init_mid_raw")
+    return {"gallery": "imagenette-train-{000000..000004}.tar",
+            "queries": "imagenette-test-000000.tar", "readout": ev["readout"],
+            "knn@10": {k: round(reps[k]["knn@10"], 3) for k in keys},
+            "nmi": {k: round(reps[k]["nmi"], 4) for k in keys},
+            "weights_evaluated": f"shipped fp16 file sha256 {ev['model_sha256'][:12]} "
+                                 "(bench/results/eval_small64.json)"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--run", type=Path, default=REPO / "runs" / "small64")
+    ap.add_argument("--ship-dir", type=Path, default=REPO / "runs" / "ship")
+    ap.add_argument("--cache", type=Path, default=REPO / "runs" / "evalcache")
+    ap.add_argument("--dry-run", action="store_true", help="stop after the decision")
+    ap.add_argument("--force", action="store_true", help="ship even if the rule says no")
+    a = ap.parse_args()
+    from phisearch.indexer.model import checkpoint as ckpt
+
+    shipped = ckpt.load("small64")
+    default_readout = shipped.info["readout"]
+    snap, step = snapshot(a.run, a.ship_dir)
+    print(f"snapshot: {snap} ({step} steps); shipped: {shipped.info['steps']} steps")
+    sweep_path = REPO / "bench" / "results" / f"draws_sweep_{step}.json"
+    if not sweep_path.exists():
+        run([sys.executable, "bench/draws_sweep.py", "--checkpoint", "small64", "--checkpoint",
+             str(snap), "--sigmas", "0.2", "--max-draws", "4", "--cache", str(a.cache),
+             "--out", str(sweep_path)])
+    ok, lines = decide(json.loads(sweep_path.read_text()), snap.stem + " (", default_readout)
+    print("\n".join(lines))
+    print("decision:", "ship" if ok else "keep the shipped weights")
+    if a.dry_run or not (ok or a.force):
+        return
+
+    fitted = a.ship_dir / f"small64-{step}-fitted.safetensors"
+    fitted.unlink(missing_ok=True)
+    dims = sorted({int(default_readout.split("white")[1].split("+")[0]), 256},
+                  key=lambda d: d != int(default_readout.split("white")[1].split("+")[0]))
+    run([*IDX, "fit-readout", "--checkpoint", str(snap), "--data", GALLERY, "--l2",
+         *[x for d in dims for x in ("--dims", str(d))], "--out", str(fitted)])
+    denoise = REPO / "bench" / "results" / "denoise_eval_small64.json"
+    run([*IDX, "denoise-eval", "--checkpoint", str(fitted), "--data", QUERIES,
+         "--images", "1000", "--json"], stdout=denoise)
+
+    c = ckpt.load(fitted)
+    if c.info.get("readout") != default_readout:
+        raise SystemExit(f"fit-readout made {c.info.get('readout')}, not {default_readout}")
+    de = json.loads(denoise.read_text())
+    prev = shipped.info
+    c.info.update(
+        denoise_eval={"data": "imagenette-test-000000.tar (1000 images)", "sigmas": de["sigmas"]},
+        phi_defaults=prev["phi_defaults"],
+        warm_start={"from": f"small64 sha256 {prev['weights_sha256'][:12]} "
+                            f"({prev['steps']:,} steps)",
+                    "note": "warm-started from the shipped fp16 weights (Adam restarted), then "
+                            "resumed across sessions in one run folder with its Adam state; lr "
+                            "1e-4 constant, sigma-dist paper, fp32 on one CPU thread"},
+        ship_decision={"rule": f"validation kNN@10 up for {default_readout} or mid, no test "
+                               f"kNN@10 down by more than {NOISE}",
+                       "evidence": f"bench/results/draws_sweep_{step}.json", "lines": lines})
+    ckpt.save(c.model, fitted, c.info, extras=c.extras)
+    ckpt.ship(fitted, "small64")
+
+    ev_json = REPO / "bench" / "results" / "eval_small64.json"
+    run([*IDX, "eval", "--checkpoint", "small64", "--queries", QUERIES, "--gallery", GALLERY,
+         "--readouts", f"mid,{default_readout},blocks+white256+l2", "--cache", str(a.cache),
+         "--out", str(ev_json), "--markdown", str(ev_json.with_suffix(".md"))])
+    out = ckpt.BUILTIN_DIR / "small64.json"
+    info = json.loads(out.read_text())
+    info["eval"] = eval_summary(json.loads(ev_json.read_text()))
+    info["eval"]["readout_chosen_on"] = prev["eval"]["readout_chosen_on"]
+    out.write_text(json.dumps(info, indent=1, sort_keys=True))
+    print(f"shipped small64 at {step} steps: sha256 {info['weights_sha256'][:12]}; "
+          f"kNN@10 {info['eval']['knn@10']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -74,7 +74,7 @@ def plot(nets: dict, untrained: dict, pixels: dict, hist: list[dict], path: Path
     ax.set(xlabel="training step (batch 32)", ylabel="kNN@10 (1,000 queries, ±0.016)",
            title="retrieval: trained (markers) vs untrained (thin lines)")
     ax.legend(fontsize=7, loc="center right")
-    hx = [h for h in hist if h["step"] >= 2000]
+    hx = sorted((h for h in hist if h["step"] >= 2000), key=lambda h: h["step"])
     bx.plot([h["step"] for h in hx], [h["psnr_0_1"] for h in hx], ".-", ms=3)
     bx.set(xlabel="training step", ylabel="PSNR at σ 0.1 (dB, 256 test images)",
            title="denoising")

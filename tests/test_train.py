@@ -30,13 +30,18 @@ def test_loss_goes_down(tmp_path, mini_shard):
 
 def test_resume_continues(tmp_path, mini_shard):
     train(tiny_cfg(mini_shard, tmp_path, 5))
-    assert json.loads((tmp_path / "model.json").read_text())["steps"] == 5
+    first = json.loads((tmp_path / "model.json").read_text())
+    assert first["steps"] == 5 and first["train_cpu_from_step"] == 0
+    assert 0 < first["train_cpu_seconds"]
     assert (tmp_path / "train_state.safetensors").is_file()
     steps: list[int] = []
     train(tiny_cfg(mini_shard, tmp_path, 8), on_step=lambda s, v: steps.append(s))
     assert steps == [6, 7, 8]
     info = json.loads((tmp_path / "model.json").read_text())
     assert info["steps"] == 8 and info["images_seen"] == 64
+    # CPU time of the steps carries over a resume and keeps counting from the first step.
+    assert info["train_cpu_from_step"] == 0
+    assert info["train_cpu_seconds"] > first["train_cpu_seconds"]
     for step in (0, 1, 2, 5):
         assert (tmp_path / "curve" / f"step-{step:07d}.safetensors").is_file()
 

@@ -122,7 +122,10 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.urls = expand(cfg.data)
         self.n_data = dataset_size(self.urls)
-        self.state = {"step": 0, "images": 0, "seconds": 0.0, "runs": 0}
+        # seconds: wall time inside the steps (a SIGSTOP'd process keeps counting);
+        # cpu_seconds: the process's CPU time in them (all threads), counted from cpu_from_step.
+        self.state = {"step": 0, "images": 0, "seconds": 0.0, "runs": 0, "cpu_seconds": 0.0,
+                      "cpu_from_step": None}
         self.history: list[dict] = []
         self.model, self.preset_name = self._load_model()
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
@@ -132,6 +135,8 @@ class Trainer:
             meta = load_state(self.state_path, self.opt, self.gen)
             restored = meta.pop("generator_restored", False)
             self.state.update(meta)
+        if self.state["cpu_from_step"] is None:   # a run (or state) from before CPU accounting
+            self.state["cpu_from_step"] = self.state["step"]
         if not restored:   # a new run, a warm start, or a state saved before generators were
             self.gen.manual_seed(cfg.seed * 7919 + self.state["step"])
         # CUDA draws its noise on the device: a resume there continues weights and Adam
@@ -164,7 +169,9 @@ class Trainer:
             self.history = loaded.info.get("psnr_history", [])
             self.state.update(step=loaded.info.get("steps", 0),
                               images=loaded.info.get("images_seen", 0),
-                              seconds=loaded.info.get("train_seconds", 0.0))
+                              seconds=loaded.info.get("train_seconds", 0.0),
+                              cpu_seconds=loaded.info.get("train_cpu_seconds", 0.0),
+                              cpu_from_step=loaded.info.get("train_cpu_from_step"))
             log.warning("warm start from %s: weights only, Adam moments start from zero",
                         cfg.init_from)
             return loaded.model.train(), loaded.info.get("preset") or None
@@ -198,7 +205,7 @@ class Trainer:
         else:
             z = torch.randn(x.shape, generator=self.gen)
         x, z = self.mode.prepare(x, z.to(self.device))
-        t0 = time.monotonic()
+        t0, c0 = time.monotonic(), time.process_time()
         with self.mode.autocast(self.device):
             try:
                 loss = loss_fn(self.fwd, x, sig.to(self.device), z)
@@ -213,6 +220,7 @@ class Trainer:
         loss.backward()
         self.opt.step()
         self.state["seconds"] += time.monotonic() - t0
+        self.state["cpu_seconds"] += time.process_time() - c0
         self.state["step"] += 1
         self.state["images"] += len(x)
         return loss.item()
@@ -236,14 +244,13 @@ class Trainer:
         s = self.state
         info = dict(self.record, steps=s["step"], images_seen=s["images"],
                     epochs=round(s["images"] / self.n_data, 3), train_seconds=round(s["seconds"], 1),
-                    psnr_history=self.history)
+                    train_cpu_seconds=round(s["cpu_seconds"], 1),
+                    train_cpu_from_step=s["cpu_from_step"], psnr_history=self.history)
         if test_images is not None:
             info["psnr"] = denoise_eval(self.model.eval(), test_images)
             self.model.train()
         ckpt.save(self.model, self.ckpt_path, info, preset_name=self.preset_name)
-        save_state(self.state_path, self.opt, dict(step=s["step"], images=s["images"],
-                                                   seconds=s["seconds"], runs=s["runs"]),
-                   self.gen)
+        save_state(self.state_path, self.opt, dict(s), self.gen)   # the counters, all JSON
 
     def batches(self) -> Iterator[torch.Tensor]:
         """Clean images forever, (B, 3, 64, 64) in [0, 1]; the order is re-seeded from the step.

@@ -82,7 +82,7 @@ def plot(nets: dict, untrained: dict, pixels: dict, hist: list[dict], path: Path
     fig.savefig(path, dpi=80)
 
 
-def table(nets: dict, untrained: dict, hist: list[dict]) -> str:
+def table(nets: dict, untrained: dict, pixels: dict, hist: list[dict]) -> str:
     def psnr_at(step: int) -> str:
         near = [h for h in hist if abs(h["step"] - step) <= 400]
         return f"{max(near, key=lambda h: -abs(h['step'] - step))['psnr_0_1']:.2f}" if near \
@@ -93,7 +93,9 @@ def table(nets: dict, untrained: dict, hist: list[dict]) -> str:
         cells = [f"{r[k]['test']:.3f} ({r[k]['val']:.3f})" for k in READOUTS]
         rows.append(f"| {s:,} | {psnr_at(s)} | " + " | ".join(cells) + " |")
     cells = [f"{untrained[k]['test']:.3f} ({untrained[k]['val']:.3f})" for k in READOUTS]
-    rows.append("| untrained | – | " + " | ".join(cells) + " |")
+    rows.append("| untrained (same code) | – | " + " | ".join(cells) + " |")
+    px = f"{pixels['test']:.3f} ({pixels['val']:.3f})"
+    rows.append(f"| 16x16 pixels | – | {px} | {px} |")
     return "\n".join(rows)
 
 
@@ -105,7 +107,7 @@ def main() -> None:
     nets, untrained, pixels = points()
     hist = psnr_history(a.run)
     plot(nets, untrained, pixels, hist, a.png)
-    print(table(nets, untrained, hist))
+    print(table(nets, untrained, pixels, hist))
     print(f"\nwrote {a.png}")
 
 

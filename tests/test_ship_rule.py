@@ -47,6 +47,7 @@ def test_shipped_curve_table_from_committed_results(tmp_path):
     assert r.returncode == 0, r.stderr
     rows = [ln for ln in r.stdout.splitlines() if ln.startswith("| ")]
     steps = [ln.split("|")[1].strip() for ln in rows[1:]]
-    assert steps[:2] == ["6,425", "8,876"] and steps[-1] == "untrained"
+    assert steps[:2] == ["6,425", "8,876"]
+    assert steps[-2:] == ["untrained (same code)", "16x16 pixels"]
     assert "| 11,738 | 27.54 | 0.316 (0.294) | 0.560 (0.549) |" in rows
     assert (tmp_path / "c.png").stat().st_size > 10_000

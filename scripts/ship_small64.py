@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -80,6 +81,13 @@ def decide(sweep: dict, new: str, default_readout: str) -> tuple[bool, list[str]
     return rises and not falls, lines
 
 
+def best_on_val(sweep: dict, net_prefix: str) -> str:
+    """The blocks+whiteK+l2 readout with the best validation kNN@10 (σ 0.2, 4 draws)."""
+    rows = [r for r in sweep["rows"] if r["net"].startswith(net_prefix) and r["draws"] == 4
+            and r["sigma"] == 0.2 and re.fullmatch(r"blocks\+white\d+\+l2", r["readout"])]
+    return max(rows, key=lambda r: r["val"]["knn@10"])["readout"]
+
+
 def eval_summary(ev: dict, fp16: dict | None = None) -> dict:
     """The checkpoint JSON's `eval` record from `idx eval --json`."""
     reps = ev["representations"]
@@ -111,7 +119,11 @@ def main() -> None:
         run([sys.executable, "bench/draws_sweep.py", "--checkpoint", "small64", "--checkpoint",
              str(snap), "--sigmas", "0.2", "--max-draws", "4", "--cache", str(a.cache),
              "--out", str(sweep_path)])
-    ok, lines = decide(json.loads(sweep_path.read_text()), snap.stem + " (", default_readout)
+    sweep = json.loads(sweep_path.read_text())
+    ok, lines = decide(sweep, snap.stem + " (", default_readout)
+    best = best_on_val(sweep, snap.stem + " (")
+    if best != default_readout:   # the rule keeps the readout; a change is a decision for a person
+        print(f"note: validation prefers {best} for these weights, not {default_readout}")
     print("\n".join(lines))
     print("decision:", "ship" if ok else "keep the shipped weights")
     if a.dry_run or not (ok or a.force):
@@ -153,7 +165,10 @@ def main() -> None:
     out = ckpt.BUILTIN_DIR / "small64.json"
     info = json.loads(out.read_text())
     info["eval"] = eval_summary(json.loads(ev_json.read_text()))
-    info["eval"]["readout_chosen_on"] = prev["eval"]["readout_chosen_on"]
+    info["eval"]["readout_chosen_on"] = (f"validation queries imagenette-test-000001.tar "
+                                         f"(bench/results/draws_sweep_{step}.json)")
+    info["shipped_from"] = str(fitted.relative_to(REPO)) if fitted.is_relative_to(REPO) \
+        else str(fitted)
     out.write_text(json.dumps(info, indent=1, sort_keys=True))
     print(f"shipped small64 at {step} steps: sha256 {info['weights_sha256'][:12]}; "
           f"kNN@10 {info['eval']['knn@10']}")

@@ -44,15 +44,16 @@ def run(cmd: list[str], stdout: Path | None = None) -> None:
         subprocess.run(cmd, check=True, cwd=REPO, stdout=out if stdout else None)
 
 
-def snapshot(run_dir: Path, dst_dir: Path) -> tuple[Path, int]:
-    """Copy the run's weights and record; refuse a pair written by two different saves."""
+def snapshot(run_dir: Path, dst_dir: Path, weights: str = "model") -> tuple[Path, int]:
+    """Copy the run's weights (model, or ema: their moving average) and record; refuse a pair
+    written by two different saves."""
     from phisearch.indexer.model import checkpoint as ckpt
-    info = json.loads((run_dir / "model.json").read_text())
+    info = json.loads((run_dir / f"{weights}.json").read_text())
     step = int(info["steps"])
-    dst = dst_dir / f"small64-{step}.safetensors"
+    dst = dst_dir / f"small64-{step}{'-ema' if weights == 'ema' else ''}.safetensors"
     dst_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(run_dir / "model.safetensors", dst)
-    shutil.copy2(run_dir / "model.json", dst.with_suffix(".json"))
+    shutil.copy2(run_dir / f"{weights}.safetensors", dst)
+    shutil.copy2(run_dir / f"{weights}.json", dst.with_suffix(".json"))
     c = ckpt.load(dst)
     if c.sha256 != c.info.get("weights_sha256"):
         raise SystemExit(f"{run_dir}: weights and record come from two saves; run again")
@@ -105,6 +106,8 @@ def main() -> None:
     ap.add_argument("--run", type=Path, default=REPO / "runs" / "small64")
     ap.add_argument("--ship-dir", type=Path, default=REPO / "runs" / "ship")
     ap.add_argument("--cache", type=Path, default=REPO / "runs" / "evalcache")
+    ap.add_argument("--weights", choices=("model", "ema"), default="model",
+                    help="the run's last weights, or their moving average (idx train --ema)")
     ap.add_argument("--dry-run", action="store_true", help="stop after the decision")
     ap.add_argument("--force", action="store_true", help="ship even if the rule says no")
     a = ap.parse_args()
@@ -112,9 +115,9 @@ def main() -> None:
 
     shipped = ckpt.load("small64")
     default_readout = shipped.info["readout"]
-    snap, step = snapshot(a.run, a.ship_dir)
+    snap, step = snapshot(a.run, a.ship_dir, a.weights)
     print(f"snapshot: {snap} ({step} steps); shipped: {shipped.info['steps']} steps")
-    sweep_path = REPO / "bench" / "results" / f"draws_sweep_{step}.json"
+    sweep_path = REPO / "bench" / "results" / f"draws_sweep_{snap.stem.removeprefix('small64-')}.json"
     if not sweep_path.exists():
         run([sys.executable, "bench/draws_sweep.py", "--checkpoint", "small64", "--checkpoint",
              str(snap), "--sigmas", "0.2", "--max-draws", "4", "--cache", str(a.cache),
@@ -129,7 +132,7 @@ def main() -> None:
     if a.dry_run or not (ok or a.force):
         return
 
-    fitted = a.ship_dir / f"small64-{step}-fitted.safetensors"
+    fitted = a.ship_dir / f"{snap.stem}-fitted.safetensors"
     fitted.unlink(missing_ok=True)
     dims = sorted({int(default_readout.split("white")[1].split("+")[0]), 256},
                   key=lambda d: d != int(default_readout.split("white")[1].split("+")[0]))
@@ -154,7 +157,7 @@ def main() -> None:
                             "1e-4 constant, sigma-dist paper, fp32 on one CPU thread"},
         ship_decision={"rule": f"validation kNN@10 up for {default_readout} or mid, no test "
                                f"kNN@10 down by more than {NOISE}",
-                       "evidence": f"bench/results/draws_sweep_{step}.json", "lines": lines})
+                       "evidence": f"bench/results/{sweep_path.name}", "lines": lines})
     ckpt.save(c.model, fitted, c.info, extras=c.extras)
     ckpt.ship(fitted, "small64")
 
@@ -166,7 +169,7 @@ def main() -> None:
     info = json.loads(out.read_text())
     info["eval"] = eval_summary(json.loads(ev_json.read_text()))
     info["eval"]["readout_chosen_on"] = (f"validation queries imagenette-test-000001.tar "
-                                         f"(bench/results/draws_sweep_{step}.json)")
+                                         f"(bench/results/{sweep_path.name})")
     info["shipped_from"] = str(fitted.relative_to(REPO)) if fitted.is_relative_to(REPO) \
         else str(fitted)
     out.write_text(json.dumps(info, indent=1, sort_keys=True))

@@ -142,3 +142,24 @@ def test_cpu_step_probe_times_every_mode_and_the_run_records_it(tmp_path, mini_s
                              max_steps=2, workers=0, device="cpu"))   # dtype auto: probed
     info = json.loads(path.with_suffix(".json").read_text())
     assert info["step_mode"] in times and set(info["speed_probe"]) == set(times)
+
+
+def test_ema_is_the_moving_average_of_the_weights_and_survives_a_resume(tmp_path, mini_shard):
+    """--ema d: ema.safetensors holds w̄ ← d·w̄ + (1 − d)·w after each step, started at the
+    first step's weights; a resume continues that average from the file, not from scratch."""
+    train(tiny_cfg(mini_shard, tmp_path, 1, ema=0.5))
+    w1 = ckpt.load(tmp_path / "model.safetensors").model.state_dict()
+    e1 = ckpt.load(tmp_path / "ema.safetensors")
+    assert e1.info["ema_decay"] == 0.5 and e1.info["steps"] == 1
+    for k, v in e1.model.state_dict().items():      # the first update copies the weights
+        assert torch.equal(v, w1[k]), k
+    train(tiny_cfg(mini_shard, tmp_path, 2, ema=0.5))          # a resume: one more step
+    w2 = ckpt.load(tmp_path / "model.safetensors").model.state_dict()
+    e2 = ckpt.load(tmp_path / "ema.safetensors").model.state_dict()
+    moved = 0
+    for k, v in e2.items():
+        assert torch.allclose(v, 0.5 * w1[k] + 0.5 * w2[k], atol=1e-6), k
+        moved += int(not torch.equal(w1[k], w2[k]))
+    assert moved > 0
+    with pytest.raises(ValueError, match="ema"):
+        train(tiny_cfg(mini_shard, tmp_path / "bad", 1, ema=1.0))

@@ -49,6 +49,10 @@ def train(
     sigma_dist: Annotated[str, typer.Option(
         "--sigma-dist", help="Training noise levels: paper (√σ uniform on [0, 1], SPEC §1) | "
         "uniform (σ uniform: large σ 3x as often).")] = "paper",
+    ema: Annotated[float, typer.Option(
+        "--ema", min=0.0, max=0.99999, help="Also keep a moving average of the weights with "
+        "this decay (e.g. 0.999: about the last 1,000 steps) in OUT/ema.safetensors; 0: none.")
+    ] = 0.0,
 ) -> None:
     """Train the denoiser on WebDataset shards, or resume the run in OUT.
 
@@ -67,7 +71,7 @@ def train(
                       workers=workers, seed=seed, test_data=tuple(test_data or ()),
                       save_every_minutes=save_every, device=device, dtype=dtype, compile=compile,
                       init_from=resume, sigma_dist=sigma_dist, resident=resident,
-                      eval_every_minutes=eval_every)
+                      eval_every_minutes=eval_every, ema=ema)
     bar = progress(total=steps, desc="train", unit="step")
 
     def on_progress(p: dict) -> None:

@@ -3,7 +3,9 @@
 Training state lives in the output folder: `model.safetensors` + `model.json` (the checkpoint),
 `train_state.safetensors` (Adam moments and the noise generator, as tensors: state.py),
 `train_log.jsonl` (one line per log interval) and `curve/step-NNNNNNN.safetensors` (log-spaced
-snapshots for the learning curve). Killing a run loses at most the steps since the last save.
+snapshots for the learning curve), and with `ema` > 0 `ema.safetensors`, an exponential moving
+average of the weights (a checkpoint of its own: at a constant lr the last weights wander, their
+average is usually the better denoiser). Killing a run loses at most the steps since the last save.
 A resume in the same folder continues the weights, Adam's moments and the noise/augmentation
 stream exactly; the data order is re-seeded from the step (the loader's shuffle buffer is not
 saved), so it is a statistically equivalent continuation, not a bit-exact replay.
@@ -33,6 +35,7 @@ from phisearch.indexer.sources.shards import expand
 from phisearch.indexer.train.denoise_eval import denoise_eval
 from phisearch.indexer.train.speed import StepMode, mode_from, probe
 from phisearch.indexer.train.state import dataset_size, load_state, save_state
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +64,7 @@ class TrainConfig:
     resident: bool = False                # decode the training set once onto the device
     init_from: str | None = None          # warm start from this checkpoint (no optimizer state)
     sigma_dist: str = "paper"             # paper (√σ uniform on [0, 1]) | uniform (σ uniform)
+    ema: float = 0.0                      # decay of the weights' moving average (0: none)
     curve_steps: tuple[int, ...] = field(default_factory=lambda: tuple(
         sorted({int(m * 10 ** e) for e in range(7) for m in (1, 2, 5)} | {0})))
 
@@ -128,6 +132,7 @@ class Trainer:
                       "cpu_from_step": None}
         self.history: list[dict] = []
         self.model, self.preset_name = self._load_model()
+        self.ema = self._load_ema() if cfg.ema > 0 else None
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
         self.gen = torch.Generator()
         restored = False
@@ -177,6 +182,18 @@ class Trainer:
             return loaded.model.train(), loaded.info.get("preset") or None
         return UNet(preset(cfg.preset)).to(self.device).train(), cfg.preset
 
+    def _load_ema(self) -> AveragedModel:
+        """The moving average, continued from this folder's ema.safetensors when there is one,
+        else started at the current weights."""
+        if not 0 < self.cfg.ema < 1:
+            raise ValueError(f"--ema must be in (0, 1), got {self.cfg.ema}")
+        ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(self.cfg.ema))
+        path = self.out / "ema.safetensors"
+        if path.exists() and self.ckpt_path.exists():
+            ema.module.load_state_dict(ckpt.load(path, self.device).model.state_dict())
+            ema.n_averaged.fill_(1)   # 0 would make the next update a plain copy
+        return ema
+
     def _pick_mode(self) -> tuple[StepMode, dict | None]:
         """CUDA: bf16 + channels_last. CPU: an explicit --dtype, else the fastest measured."""
         cfg = self.cfg
@@ -219,6 +236,8 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
         self.state["seconds"] += time.monotonic() - t0
         self.state["cpu_seconds"] += time.process_time() - c0
         self.state["step"] += 1
@@ -236,6 +255,9 @@ class Trainer:
         p = denoise_eval(self.model.eval(), images[:128], sigmas=(0.1,))
         self.model.train()
         self.history.append(dict(step=self.state["step"], psnr_0_1=p["0.1"]["denoised"]))
+        if self.ema is not None:   # same images and noise: a paired comparison
+            pe = denoise_eval(self.ema.module.eval(), images[:128], sigmas=(0.1,))
+            self.history[-1]["psnr_0_1_ema"] = pe["0.1"]["denoised"]
         log.info("step %d: PSNR at sigma 0.1 = %.2f dB", self.state["step"],
                  p["0.1"]["denoised"])
 
@@ -250,6 +272,13 @@ class Trainer:
             info["psnr"] = denoise_eval(self.model.eval(), test_images)
             self.model.train()
         ckpt.save(self.model, self.ckpt_path, info, preset_name=self.preset_name)
+        if self.ema is not None:
+            ema_info = dict(info, ema_decay=self.cfg.ema, weights="moving average of "
+                            "model.safetensors's weights over the steps since the EMA started")
+            if test_images is not None:
+                ema_info["psnr"] = denoise_eval(self.ema.module.eval(), test_images)
+            ckpt.save(self.ema.module, self.out / "ema.safetensors", ema_info,
+                      preset_name=self.preset_name)
         save_state(self.state_path, self.opt, dict(s), self.gen)   # the counters, all JSON
 
     def batches(self) -> Iterator[torch.Tensor]:

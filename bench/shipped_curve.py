@@ -78,7 +78,12 @@ def plot(nets: dict, untrained: dict, pixels: dict, hist: list[dict], path: Path
            title="retrieval: trained (markers) vs untrained (thin lines)")
     ax.legend(fontsize=7, loc="center right")
     hx = sorted((h for h in hist if h["step"] >= 2000), key=lambda h: h["step"])
-    bx.plot([h["step"] for h in hx], [h["psnr_0_1"] for h in hx], ".-", ms=3)
+    bx.plot([h["step"] for h in hx], [h["psnr_0_1"] for h in hx], ".-", ms=3, label="last weights")
+    he = [h for h in hx if "psnr_0_1_ema" in h]
+    if he:   # idx train --ema: the moving average on the same images and noise
+        bx.plot([h["step"] for h in he], [h["psnr_0_1_ema"] for h in he], ".-", ms=3,
+                label="moving average (--ema)")
+        bx.legend(fontsize=7)
     bx.set(xlabel="training step", ylabel="PSNR at σ 0.1 (dB, 128 test images)",
            title="denoising")
     fig.tight_layout()

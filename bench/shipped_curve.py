@@ -44,7 +44,9 @@ def points() -> tuple[dict[int, dict], dict[str, dict], dict]:
                 untrained[r["readout"]] = knn
                 continue
             step = int(re.search(r"(\d+) steps", r["net"]).group(1))
-            nets.setdefault(step, {})[r["readout"]] = knn
+            own = f.name == f"draws_sweep_{step}.json"   # a step's own sweep wins (run weights)
+            if own or r["readout"] not in nets.get(step, {}):
+                nets.setdefault(step, {})[r["readout"]] = knn
     return dict(sorted(nets.items())), untrained, pixels
 
 

@@ -21,6 +21,7 @@ they qualify (issue 18's rule). Every step is a command that could be run by han
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -39,9 +40,10 @@ IDX = [str(Path(sys.executable).parent / "idx")]   # the environment's own CLI
 
 
 def run(cmd: list[str], stdout: Path | None = None) -> None:
+    """Print and run one step; its standard output goes to `stdout` when given."""
     print("$", " ".join(cmd), flush=True)
-    with open(stdout, "w") if stdout else open(os.devnull, "w") as out:
-        subprocess.run(cmd, check=True, cwd=REPO, stdout=out if stdout else None)
+    with open(stdout, "w") if stdout else contextlib.nullcontext() as out:
+        subprocess.run(cmd, check=True, cwd=REPO, stdout=out)
 
 
 def snapshot(run_dir: Path, dst_dir: Path, weights: str = "model") -> tuple[Path, int]:
@@ -60,11 +62,16 @@ def snapshot(run_dir: Path, dst_dir: Path, weights: str = "model") -> tuple[Path
     return dst, step
 
 
+def rows_of(sweep: dict, net_prefix: str) -> list[dict]:
+    """The sweep's rows at the shipped φ settings (σ 0.2, 4 draws) of the net labelled so."""
+    return [r for r in sweep["rows"] if r["net"].startswith(net_prefix) and r["draws"] == 4
+            and r["sigma"] == 0.2]
+
+
 def knn10(sweep: dict, net_prefix: str, readout: str) -> dict[str, float]:
-    """{'test': .., 'val': ..} kNN@10 at σ 0.2, 4 draws, of the first net whose label starts so."""
-    for r in sweep["rows"]:
-        if r["net"].startswith(net_prefix) and r["readout"] == readout and r["draws"] == 4 \
-                and r["sigma"] == 0.2:
+    """{'test': .., 'val': ..} kNN@10 of one readout of the net labelled so."""
+    for r in rows_of(sweep, net_prefix):
+        if r["readout"] == readout:
             return {"test": r["test"]["knn@10"], "val": r["val"]["knn@10"]}
     raise KeyError((net_prefix, readout))
 
@@ -83,13 +90,13 @@ def decide(sweep: dict, new: str, default_readout: str) -> tuple[bool, list[str]
 
 
 def best_on_val(sweep: dict, net_prefix: str) -> str:
-    """The blocks+whiteK+l2 readout with the best validation kNN@10 (σ 0.2, 4 draws)."""
-    rows = [r for r in sweep["rows"] if r["net"].startswith(net_prefix) and r["draws"] == 4
-            and r["sigma"] == 0.2 and re.fullmatch(r"blocks\+white\d+\+l2", r["readout"])]
+    """The blocks+whiteK+l2 readout with the best validation kNN@10."""
+    rows = [r for r in rows_of(sweep, net_prefix)
+            if re.fullmatch(r"blocks\+white\d+\+l2", r["readout"])]
     return max(rows, key=lambda r: r["val"]["knn@10"])["readout"]
 
 
-def eval_summary(ev: dict, fp16: dict | None = None) -> dict:
+def eval_summary(ev: dict) -> dict:
     """The checkpoint JSON's `eval` record from `idx eval --json`."""
     reps = ev["representations"]
     keys = ("phi", "phi_mid_raw", "pixels", "pixels16", "random_init", "random_init_mid_raw")
@@ -112,6 +119,7 @@ def main() -> None:
     ap.add_argument("--force", action="store_true", help="ship even if the rule says no")
     a = ap.parse_args()
     from phisearch.indexer.model import checkpoint as ckpt
+    from phisearch.indexer.model.readout import parse_label
 
     shipped = ckpt.load("small64")
     default_readout = shipped.info["readout"]
@@ -134,8 +142,8 @@ def main() -> None:
 
     fitted = a.ship_dir / f"{snap.stem}-fitted.safetensors"
     fitted.unlink(missing_ok=True)
-    dims = sorted({int(default_readout.split("white")[1].split("+")[0]), 256},
-                  key=lambda d: d != int(default_readout.split("white")[1].split("+")[0]))
+    k = parse_label(default_readout).white                # the first --dims is the default
+    dims = [k] + [256] * (k != 256)
     run([*IDX, "fit-readout", "--checkpoint", str(snap), "--data", GALLERY, "--l2",
          *[x for d in dims for x in ("--dims", str(d))], "--out", str(fitted)])
     denoise = REPO / "bench" / "results" / "denoise_eval_small64.json"

@@ -115,6 +115,10 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=REPO / "runs" / "evalcache")
     ap.add_argument("--weights", choices=("model", "ema"), default="model",
                     help="the run's last weights, or their moving average (idx train --ema)")
+    ap.add_argument("--train-note", default="warm-started from the shipped fp16 weights (Adam "
+                    "restarted), then resumed in one run folder with its Adam state; lr 1e-4 "
+                    "constant, sigma-dist paper",
+                    help="how the run was trained, for the checkpoint's warm_start record")
     ap.add_argument("--dry-run", action="store_true", help="stop after the decision")
     ap.add_argument("--force", action="store_true", help="ship even if the rule says no")
     a = ap.parse_args()
@@ -160,9 +164,7 @@ def main() -> None:
         phi_defaults=prev["phi_defaults"],
         warm_start={"from": f"small64 sha256 {prev['weights_sha256'][:12]} "
                             f"({prev['steps']:,} steps)",
-                    "note": "warm-started from the shipped fp16 weights (Adam restarted), then "
-                            "resumed across sessions in one run folder with its Adam state; lr "
-                            "1e-4 constant, sigma-dist paper, fp32 on one CPU thread"},
+                    "note": a.train_note},
         ship_decision={"rule": f"validation kNN@10 up for {default_readout} or mid, no test "
                                f"kNN@10 down by more than {NOISE}",
                        "evidence": f"bench/results/{sweep_path.name}", "lines": lines})

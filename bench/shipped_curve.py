@@ -23,12 +23,18 @@ RESULTS = REPO / "bench" / "results"
 # Checkpoints of a sibling run: the 8,876-step run resumed exactly (Adam kept) in a folder that
 # was not kept, so its PSNR history is gone; the main run restarted from the shipped fp16 file.
 SIBLING_RUN = {10_000, 12_518}
+# Points of the main run's earlier branch: resumed with its Adam state from 11,957 to 13,294
+# steps in a run folder that was then lost; the run restarted again from the shipped 11,957-step
+# file. Its PSNR history is kept in its own file.
+EARLIER_BRANCH = {13_142: "psnr_history_small64_to13294.json"}
 READOUTS = {"mid": "paper's φ (`mid` raw)", "blocks+white128+l2": "default `blocks+white128+l2`"}
 
 
-def points() -> tuple[dict[int, dict], dict[str, dict], dict]:
-    """({step: {readout: {test, val}}}, {readout: untrained {test, val}}, pixels16 {test, val})."""
+def points() -> tuple[dict[int, dict], dict[int, dict], dict[str, dict], dict]:
+    """({step: {readout: {test, val}}} of the last weights, the same of their moving average
+    (idx train --ema), {readout: untrained {test, val}}, pixels16 {test, val})."""
     nets: dict[int, dict] = {}
+    emas: dict[int, dict] = {}
     untrained: dict[str, dict] = {}
     pixels: dict = {}
     for f in sorted(RESULTS.glob("draws_sweep_*.json")):
@@ -44,10 +50,13 @@ def points() -> tuple[dict[int, dict], dict[str, dict], dict]:
                 untrained[r["readout"]] = knn
                 continue
             step = int(re.search(r"(\d+) steps", r["net"]).group(1))
+            if "-ema" in r["net"].split(" ")[0]:
+                emas.setdefault(step, {})[r["readout"]] = knn
+                continue
             own = f.name == f"draws_sweep_{step}.json"   # a step's own sweep wins (run weights)
             if own or r["readout"] not in nets.get(step, {}):
                 nets.setdefault(step, {})[r["readout"]] = knn
-    return dict(sorted(nets.items())), untrained, pixels
+    return dict(sorted(nets.items())), dict(sorted(emas.items())), untrained, pixels
 
 
 def psnr_history(run: Path | None) -> list[dict]:
@@ -60,7 +69,8 @@ def psnr_history(run: Path | None) -> list[dict]:
     return json.loads(out.read_text())["history"]
 
 
-def plot(nets: dict, untrained: dict, pixels: dict, hist: list[dict], path: Path) -> None:
+def plot(nets: dict, emas: dict, untrained: dict, pixels: dict, hist: list[dict], path: Path
+         ) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -73,6 +83,9 @@ def plot(nets: dict, untrained: dict, pixels: dict, hist: list[dict], path: Path
             ax.plot(steps, ys, style, color=color, ms=4, label=f"{name}, {split}")
             ax.axhline(untrained[readout][split], color=color, lw=0.8,
                        ls=":" if split == "val" else "-.")
+        if emas:
+            ax.plot(list(emas), [emas[s][readout]["test"] for s in emas], "*", color=color,
+                    ms=9, label=f"{name}, test, moving average")
     ax.axhline(pixels["test"], color="gray", lw=0.8, ls="-.")
     ax.text(steps[0], untrained["mid"]["test"] + 0.004, "untrained (same readout)", fontsize=7)
     ax.text(steps[0], pixels["test"] - 0.012, "16x16 pixels", fontsize=7, color="gray")
@@ -92,18 +105,26 @@ def plot(nets: dict, untrained: dict, pixels: dict, hist: list[dict], path: Path
     fig.savefig(path, dpi=80)
 
 
-def table(nets: dict, untrained: dict, pixels: dict, hist: list[dict]) -> str:
-    def psnr_at(step: int) -> str:
-        near = [h for h in hist if abs(h["step"] - step) <= 200]
+def table(nets: dict, emas: dict, untrained: dict, pixels: dict, hist: list[dict]) -> str:
+    def psnr_at(step: int, key: str = "psnr_0_1") -> str:
+        h = hist
+        if step in EARLIER_BRANCH:
+            h = json.loads((RESULTS / EARLIER_BRANCH[step]).read_text())["history"]
+        near = [x for x in h if abs(x["step"] - step) <= 200 and key in x]
         if step in SIBLING_RUN or not near:
             return "–"
-        return f"{min(near, key=lambda h: abs(h['step'] - step))['psnr_0_1']:.2f}"
+        return f"{min(near, key=lambda x: abs(x['step'] - step))[key]:.2f}"
     head = "| step | PSNR σ 0.1 (nearest periodic) | " + " | ".join(READOUTS.values()) + " |"
     rows = [head, "|" + "---|" * (2 + len(READOUTS))]
-    for s, r in nets.items():
+    lines = [(s, r, "") for s, r in nets.items()] + [(s, r, "ema") for s, r in emas.items()]
+    for s, r, kind in sorted(lines, key=lambda x: (x[0], x[2])):
         cells = [f"{r[k]['test']:.3f} ({r[k]['val']:.3f})" for k in READOUTS]
-        label = f"{s:,} (sibling run)" if s in SIBLING_RUN else f"{s:,}"
-        rows.append(f"| {label} | {psnr_at(s)} | " + " | ".join(cells) + " |")
+        label = f"{s:,} (sibling run)" if s in SIBLING_RUN else \
+            f"{s:,} (earlier branch)" if s in EARLIER_BRANCH else f"{s:,}"
+        if kind:
+            label = f"{s:,} moving average"
+        psnr = psnr_at(s, "psnr_0_1_ema" if kind else "psnr_0_1")
+        rows.append(f"| {label} | {psnr} | " + " | ".join(cells) + " |")
     cells = [f"{untrained[k]['test']:.3f} ({untrained[k]['val']:.3f})" for k in READOUTS]
     rows.append("| untrained (same code) | – | " + " | ".join(cells) + " |")
     px = f"{pixels['test']:.3f} ({pixels['val']:.3f})"
@@ -137,10 +158,10 @@ def main() -> None:
     ap.add_argument("--run", type=Path, default=None)
     ap.add_argument("--png", type=Path, default=REPO / "docs" / "shipped_curve.png")
     a = ap.parse_args()
-    nets, untrained, pixels = points()
+    nets, emas, untrained, pixels = points()
     hist = psnr_history(a.run)
-    plot(nets, untrained, pixels, hist, a.png)
-    print(table(nets, untrained, pixels, hist))
+    plot(nets, emas, untrained, pixels, hist, a.png)
+    print(table(nets, emas, untrained, pixels, hist))
     print("\n" + "\n".join(predict(nets, untrained)))
     print(f"\nwrote {a.png}")
 

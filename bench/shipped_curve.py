@@ -110,7 +110,7 @@ def table(nets: dict, emas: dict, untrained: dict, pixels: dict, hist: list[dict
         h = hist
         if step in EARLIER_BRANCH:
             h = json.loads((RESULTS / EARLIER_BRANCH[step]).read_text())["history"]
-        near = [x for x in h if abs(x["step"] - step) <= 200 and key in x]
+        near = [x for x in h if abs(x["step"] - step) <= 1300 and key in x]
         if step in SIBLING_RUN or not near:
             return "–"
         return f"{min(near, key=lambda x: abs(x['step'] - step))[key]:.2f}"

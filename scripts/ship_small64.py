@@ -129,7 +129,12 @@ def main() -> None:
     default_readout = shipped.info["readout"]
     snap, step = snapshot(a.run, a.ship_dir, a.weights)
     print(f"snapshot: {snap} ({step} steps); shipped: {shipped.info['steps']} steps")
-    sweep_path = REPO / "bench" / "results" / f"draws_sweep_{snap.stem.removeprefix('small64-')}.json"
+    results = REPO / "bench" / "results"
+    sweep_path = results / f"draws_sweep_{snap.stem.removeprefix('small64-')}.json"
+    both = results / f"draws_sweep_{step}.json"      # a sweep of the weights and their average
+    if a.weights == "ema" and not sweep_path.exists() and both.exists() and \
+            rows_of(json.loads(both.read_text()), snap.stem + " ("):
+        sweep_path = both
     if not sweep_path.exists():
         run([sys.executable, "bench/draws_sweep.py", "--checkpoint", "small64", "--checkpoint",
              str(snap), "--sigmas", "0.2", "--max-draws", "4", "--cache", str(a.cache),

@@ -119,10 +119,8 @@ def table(nets: dict, emas: dict, untrained: dict, pixels: dict, hist: list[dict
     lines = [(s, r, "") for s, r in nets.items()] + [(s, r, "ema") for s, r in emas.items()]
     for s, r, kind in sorted(lines, key=lambda x: (x[0], x[2])):
         cells = [f"{r[k]['test']:.3f} ({r[k]['val']:.3f})" for k in READOUTS]
-        label = f"{s:,} (sibling run)" if s in SIBLING_RUN else \
-            f"{s:,} (earlier branch)" if s in EARLIER_BRANCH else f"{s:,}"
-        if kind:
-            label = f"{s:,} moving average"
+        label = f"{s:,} moving average" if kind else f"{s:,} (sibling run)" \
+            if s in SIBLING_RUN else f"{s:,} (earlier branch)" if s in EARLIER_BRANCH else f"{s:,}"
         psnr = psnr_at(s, "psnr_0_1_ema" if kind else "psnr_0_1")
         rows.append(f"| {label} | {psnr} | " + " | ".join(cells) + " |")
     cells = [f"{untrained[k]['test']:.3f} ({untrained[k]['val']:.3f})" for k in READOUTS]

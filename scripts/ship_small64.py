@@ -31,6 +31,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
 DATA = Path(os.environ.get("PHISEARCH_DATA", REPO.parent / "shared" / "data")) / "imagenette-64"
 QUERIES = str(DATA / "imagenette-test-000000.tar")
 VAL = str(DATA / "imagenette-test-000001.tar")
@@ -129,10 +130,9 @@ def main() -> None:
     default_readout = shipped.info["readout"]
     snap, step = snapshot(a.run, a.ship_dir, a.weights)
     print(f"snapshot: {snap} ({step} steps); shipped: {shipped.info['steps']} steps")
-    results = REPO / "bench" / "results"
-    sweep_path = results / f"draws_sweep_{snap.stem.removeprefix('small64-')}.json"
-    both = results / f"draws_sweep_{step}.json"      # a sweep of the weights and their average
-    if a.weights == "ema" and not sweep_path.exists() and both.exists() and \
+    sweep_path = RESULTS / f"draws_sweep_{snap.stem.removeprefix('small64-')}.json"
+    both = RESULTS / f"draws_sweep_{step}.json"   # the step's sweep may hold the average too
+    if not sweep_path.exists() and both.exists() and \
             rows_of(json.loads(both.read_text()), snap.stem + " ("):
         sweep_path = both
     if not sweep_path.exists():
@@ -155,7 +155,7 @@ def main() -> None:
     dims = [k] + [256] * (k != 256)
     run([*IDX, "fit-readout", "--checkpoint", str(snap), "--data", GALLERY, "--l2",
          *[x for d in dims for x in ("--dims", str(d))], "--out", str(fitted)])
-    denoise = REPO / "bench" / "results" / "denoise_eval_small64.json"
+    denoise = RESULTS / "denoise_eval_small64.json"
     run([*IDX, "denoise-eval", "--checkpoint", str(fitted), "--data", QUERIES,
          "--images", "1000", "--json"], stdout=denoise)
 
@@ -176,7 +176,7 @@ def main() -> None:
     ckpt.save(c.model, fitted, c.info, extras=c.extras)
     ckpt.ship(fitted, "small64")
 
-    ev_json = REPO / "bench" / "results" / "eval_small64.json"
+    ev_json = RESULTS / "eval_small64.json"
     run([*IDX, "eval", "--checkpoint", "small64", "--queries", QUERIES, "--gallery", GALLERY,
          "--readouts", f"mid,{default_readout},blocks+white256+l2", "--cache", str(a.cache),
          "--out", str(ev_json), "--markdown", str(ev_json.with_suffix(".md"))])

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import torch
-from phisearch.indexer.build.pipeline import BuildConfig, build
+from phisearch.indexer.ingest.pipeline import BuildConfig, build
 from phisearch.indexer.model.config import PhiConfig
 from phisearch.indexer.model.embedder import Embedder
 from phisearch.indexer.sources.shards import expand

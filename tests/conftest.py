@@ -126,7 +126,7 @@ def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> str:
 def mini_store(tmp_path_factory: pytest.TempPathFactory, mini_shard: str, tiny_ckpt: str) -> Path:
     """The mini shard (100 images, 10 labels) built with tiny_ckpt (σ 0.2, 2 draws) into an Edge
     store folder, collection "phisearch". Read-only: copy it (shutil.copytree) to change it."""
-    from phisearch.indexer.build.pipeline import BuildConfig, build
+    from phisearch.indexer.ingest.pipeline import BuildConfig, build
     from phisearch.indexer.model.config import PhiConfig
     from phisearch.indexer.store import StoreConfig
 

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import webdataset as wds
 from conftest import STORE_KINDS, drop, store_place
-from phisearch.indexer.build.pipeline import BuildConfig, build
-from phisearch.indexer.build.summary import status
+from phisearch.indexer.ingest.pipeline import BuildConfig, build
+from phisearch.indexer.ingest.summary import status
 from phisearch.indexer.model import checkpoint as ckpt
 from phisearch.indexer.model.config import PhiConfig
 from phisearch.indexer.model.embedder import Embedder

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from phisearch.indexer.build.pipeline import BuildConfig, build
-from phisearch.indexer.build.summary import status
+from phisearch.indexer.ingest.pipeline import BuildConfig, build
+from phisearch.indexer.ingest.summary import status
 from phisearch.indexer.cli.status import clustering_line
 from phisearch.indexer.manage.cluster import ClusterConfig, auto_min_size, cluster
 from phisearch.indexer.model.config import PhiConfig

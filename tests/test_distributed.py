@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
-from phisearch.indexer.build.distributed import build_distributed
-from phisearch.indexer.build.pipeline import BuildConfig, build
+from phisearch.indexer.ingest.distributed import build_distributed
+from phisearch.indexer.ingest.pipeline import BuildConfig, build
 from phisearch.indexer.model.config import PhiConfig
 from phisearch.indexer.sources.shards import read_shard
 from phisearch.indexer.store import SHARDS_DOC, StoreConfig, StoreError, open_store

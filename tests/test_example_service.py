@@ -37,7 +37,7 @@ def test_example_imports_only_qdrant_client_and_the_stdlib():
 def server_collection(request, tmp_path_factory, mini_shard, tiny_ckpt):
     """The mini shard built into a fresh server collection by the phisearch pipeline, clustered:
     through local mode (in this process) here, on QDRANT_URL's server too when set."""
-    from phisearch.indexer.build.pipeline import BuildConfig, build
+    from phisearch.indexer.ingest.pipeline import BuildConfig, build
     from phisearch.indexer.manage.cluster import ClusterConfig, cluster
     from phisearch.indexer.model.config import PhiConfig
 

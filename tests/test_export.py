@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 from conftest import SERVER_KINDS, drop, store_place
-from phisearch.indexer.build.pipeline import BuildConfig, build
+from phisearch.indexer.ingest.pipeline import BuildConfig, build
 from phisearch.indexer.manage import cluster as cluster_mod
 from phisearch.indexer.manage.export import EXPORT_DOC, SIDE_DOCS, ExportConfig, export, meta_sha256
 from phisearch.indexer.model import checkpoint as ckpt

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fixtures import read_samples
-from phisearch.indexer.build.pipeline import BuildConfig, build
-from phisearch.indexer.build.summary import status
-from phisearch.indexer.build.watch import dry_run
+from phisearch.indexer.ingest.pipeline import BuildConfig, build
+from phisearch.indexer.ingest.summary import status
+from phisearch.indexer.ingest.watch import dry_run
 from phisearch.indexer.model.config import PhiConfig
 from phisearch.indexer.model.embedder import Embedder
 from phisearch.indexer.sources import images

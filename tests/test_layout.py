@@ -50,3 +50,15 @@ def test_help_imports_no_torch():
     code = "import sys; from phisearch.ui.cli import app; print('torch' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.stdout.strip() == "False", r.stderr
+
+
+# Folder names that GitHub's Python .gitignore template and common global ignore files drop
+# (and pytest's default norecursedirs skips): a new module under one would be silently lost.
+IGNORED_NAMES = {"build", "dist", "develop-eggs", "downloads", "eggs", "lib", "lib64", "parts",
+                 "sdist", "var", "wheels", "env", "venv", "site", "target"}
+
+
+def test_no_package_folder_has_a_commonly_ignored_name():
+    bad = [str(p.relative_to(REPO)) for d in ("indexer", "search", "ui")
+           for p in (REPO / d).rglob("*") if p.is_dir() and p.name in IGNORED_NAMES]
+    assert not bad, f"rename these (a common .gitignore drops them): {bad}"

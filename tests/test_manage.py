@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from phisearch.indexer.build.pipeline import BuildConfig, build
+from phisearch.indexer.ingest.pipeline import BuildConfig, build
 from phisearch.indexer.manage.aliases import list_aliases, overview, set_alias
 from phisearch.indexer.manage.remove import remove, selection
 from phisearch.indexer.manage.snapshots import create, list_snapshots, restore

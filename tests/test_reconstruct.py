@@ -209,7 +209,7 @@ def test_cli_bad_input_is_one_line(tmp_path, tiny_path, monkeypatch, capsys):
 
 
 def test_cli_stored_point_and_cluster(tmp_path, mini_shard, tiny_path, monkeypatch):
-    from phisearch.indexer.build.pipeline import BuildConfig, build
+    from phisearch.indexer.ingest.pipeline import BuildConfig, build
     from phisearch.indexer.store import StoreConfig, open_store
     from phisearch.ui.cli import app
     from typer.testing import CliRunner

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import uvicorn
 from conftest import SERVER_KINDS, drop, store_place
-from phisearch.indexer.build.pipeline import BuildConfig, build
+from phisearch.indexer.ingest.pipeline import BuildConfig, build
 from phisearch.indexer.manage.cluster import ClusterConfig, cluster
 from phisearch.indexer.model.config import PhiConfig
 from phisearch.indexer.sources import images

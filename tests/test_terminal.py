@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import typer
 from fixtures import bomb_png, read_samples
-from phisearch.indexer.build.pipeline import BuildConfig, build
+from phisearch.indexer.ingest.pipeline import BuildConfig, build
 from phisearch.indexer.model.config import PhiConfig
 from phisearch.indexer.sources import images
 from phisearch.indexer.store import CLUSTERS_DOC, LAST_RUN_DOC, StoreConfig, open_store

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from phisearch.indexer.build.pipeline import BuildConfig, build
+from phisearch.indexer.ingest.pipeline import BuildConfig, build
 from phisearch.indexer.model import checkpoint as ckpt
 from phisearch.indexer.model.config import PhiConfig
 from phisearch.indexer.sources import images

@@ -66,19 +66,19 @@ def build(
     Example: idx build --data ~/Pictures --watch
     Several GPUs: torchrun --nproc-per-node 4 -m phisearch.ui build --data ... --json
     """
-    from phisearch.indexer.build.distributed import launched_by_torchrun, rank
-    from phisearch.indexer.build.pipeline import BuildConfig
-    from phisearch.indexer.build.pipeline import build as run
+    from phisearch.indexer.ingest.distributed import launched_by_torchrun, rank
+    from phisearch.indexer.ingest.pipeline import BuildConfig
+    from phisearch.indexer.ingest.pipeline import build as run
 
     distributed = launched_by_torchrun() if distributed is None else distributed
     if distributed:
-        from phisearch.indexer.build.distributed import build_distributed as run
+        from phisearch.indexer.ingest.distributed import build_distributed as run
 
     scfg = store_config(store, qdrant_url, api_key, collection)
     if dry_run and watch:
         raise typer.BadParameter("--dry-run and --watch exclude each other", param_hint="--watch")
     if dry_run:
-        from phisearch.indexer.build.watch import dry_run as plan_only
+        from phisearch.indexer.ingest.watch import dry_run as plan_only
 
         _print_dry_run(plan_only(BuildConfig(data=tuple(data), store=scfg, dataset=dataset,
                                              hash_files=hash_files)), json_out)
@@ -128,7 +128,7 @@ def _run_build(cfg, run, bar, watch: bool, distributed: bool, json_out: bool) ->
                 else _stop_on_signals(stop))
     try:
         if watch:
-            from phisearch.indexer.build.watch import watch as run_watch
+            from phisearch.indexer.ingest.watch import watch as run_watch
 
             def on_sync(summary: dict) -> None:
                 _final_postfix(bar, summary)

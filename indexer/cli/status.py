@@ -34,7 +34,7 @@ def status(
     \b
     Example: idx status --json
     """
-    from phisearch.indexer.build.summary import status as run
+    from phisearch.indexer.ingest.summary import status as run
     from phisearch.indexer.manage.aliases import missing_collection, overview
 
     scfg = store_config(store, qdrant_url, api_key, collection)

@@ -135,7 +135,7 @@ def embed(
     \b
     Example: idx embed --data imagenette-mini-000000.tar --out mini.npz
     """
-    from phisearch.indexer.build.embed_npz import embed_shards
+    from phisearch.indexer.ingest.embed_npz import embed_shards
 
     if not out.endswith(".npz"):
         raise typer.BadParameter("the output must end in .npz", param_hint="--out")

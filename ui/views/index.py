@@ -6,7 +6,7 @@ import time
 
 import pandas as pd
 import streamlit as st
-from phisearch.indexer.build.summary import status
+from phisearch.indexer.ingest.summary import status
 from phisearch.ui import common
 
 

@@ -11,15 +11,15 @@ from collections import Counter, defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
-from phisearch.indexer.build.pipeline import (
+from phisearch.indexer.ingest.pipeline import (
     BuildConfig,
     collection_meta,
     folder_sources,
     split_data,
     sync_pass,
 )
-from phisearch.indexer.build.resume import load_records, plan
-from phisearch.indexer.build.summary import FILE_COUNTS
+from phisearch.indexer.ingest.resume import load_records, plan
+from phisearch.indexer.ingest.summary import FILE_COUNTS
 from phisearch.indexer.model.embedder import Embedder
 from phisearch.indexer.sources.folders import hidden, is_image_name, resolve_root, scan
 from phisearch.indexer.sources.records import FileEvent

@@ -21,9 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-from phisearch.indexer.build.resume import ShardTally, prepare_run
-from phisearch.indexer.build.summary import FILE_COUNTS, RunStats, finish_summary
-from phisearch.indexer.build.writer import FolderUpdate, Writer
+from phisearch.indexer.ingest.resume import ShardTally, prepare_run
+from phisearch.indexer.ingest.summary import FILE_COUNTS, RunStats, finish_summary
+from phisearch.indexer.ingest.writer import FolderUpdate, Writer
 from phisearch.indexer.model.config import PhiConfig
 from phisearch.indexer.model.embedder import Embedder, sparse_of
 from phisearch.indexer.sources.folders import FOLDERS_DOC, FolderSource, doc_name, resolve_root

@@ -21,10 +21,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from phisearch.indexer.build.pipeline import BuildConfig, collection_meta, embed_batch
-from phisearch.indexer.build.resume import RunPlan, ShardTally, prepare_run
-from phisearch.indexer.build.summary import RunStats, finish_summary
-from phisearch.indexer.build.writer import Writer
+from phisearch.indexer.ingest.pipeline import BuildConfig, collection_meta, embed_batch
+from phisearch.indexer.ingest.resume import RunPlan, ShardTally, prepare_run
+from phisearch.indexer.ingest.summary import RunStats, finish_summary
+from phisearch.indexer.ingest.writer import Writer
 from phisearch.indexer.model.embedder import Embedder
 from phisearch.indexer.sources.loader import loader
 from phisearch.indexer.sources.records import Batch, Skip

@@ -7,8 +7,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from phisearch.indexer.build.resume import RunPlan
-from phisearch.indexer.build.writer import Writer
+from phisearch.indexer.ingest.resume import RunPlan
+from phisearch.indexer.ingest.writer import Writer
 from phisearch.indexer.sources.folders import FOLDERS_DOC
 from phisearch.indexer.sources.records import Batch, Skip
 from phisearch.indexer.store import (

@@ -48,7 +48,18 @@ def train(
     seed: Annotated[int, typer.Option("--seed")] = 0,
     sigma_dist: Annotated[str, typer.Option(
         "--sigma-dist", help="Training noise levels: paper (√σ uniform on [0, 1], SPEC §1) | "
-        "uniform (σ uniform: large σ 3x as often).")] = "paper",
+        "uniform (σ uniform: large σ 3x as often) | focus (a third each: paper, [0.1, 0.4] "
+        "where φ is read, [0.6, 1] where sampling starts).")] = "paper",
+    lr_schedule: Annotated[str, typer.Option(
+        "--lr-schedule", help="halve (halve every --halve-every-epochs, SPEC) | cosine | linear "
+        "(decay to 0 over --schedule-steps from this run's first step).")] = "halve",
+    warmup_steps: Annotated[int, typer.Option(
+        "--warmup-steps", min=0, help="Linear lr warm-up steps (useful for a warm start).")] = 0,
+    schedule_steps: Annotated[int | None, typer.Option(
+        "--schedule-steps", min=1, help="cosine/linear: the planned run length in steps, "
+        "counted from the step the run (or warm start) began.")] = None,
+    resolution: Annotated[int, typer.Option(
+        "--resolution", help="Train on images area-downscaled to this side (64 or 32).")] = 64,
     ema: Annotated[float, typer.Option(
         "--ema", min=0.0, max=0.99999, help="Also keep a moving average of the weights with "
         "this decay (e.g. 0.999: about the last 1,000 steps) in OUT/ema.safetensors; 0: none.")
@@ -60,18 +71,27 @@ def train(
     Example: idx train --data 'imagenette-train-{000000..000009}.tar' --out runs/s64 --minutes 45
     """
     from phisearch.indexer.train.loop import SIGMA_DISTS, TrainConfig
+    from phisearch.indexer.train.schedule import LrSchedule
     from phisearch.indexer.train.loop import train as run
 
     if minutes is None and steps is None:
         raise typer.BadParameter("give --minutes or --steps", param_hint="--minutes")
     if sigma_dist not in SIGMA_DISTS:
         raise typer.BadParameter(f"choose from {', '.join(SIGMA_DISTS)}", param_hint="--sigma-dist")
+    if resolution not in (16, 32, 64):
+        raise typer.BadParameter("choose 64, 32 or 16", param_hint="--resolution")
+    try:
+        LrSchedule(lr_schedule, lr, warmup_steps, schedule_steps)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--lr-schedule") from None
     cfg = TrainConfig(data=tuple(data), out=out, preset=preset, batch_size=batch_size, lr=lr,
                       halve_every_epochs=halve_every, max_steps=steps, minutes=minutes,
                       workers=workers, seed=seed, test_data=tuple(test_data or ()),
                       save_every_minutes=save_every, device=device, dtype=dtype, compile=compile,
                       init_from=resume, sigma_dist=sigma_dist, resident=resident,
-                      eval_every_minutes=eval_every, ema=ema)
+                      eval_every_minutes=eval_every, ema=ema, lr_schedule=lr_schedule,
+                      warmup_steps=warmup_steps, schedule_steps=schedule_steps,
+                      resolution=resolution)
     bar = progress(total=steps, desc="train", unit="step")
 
     def on_progress(p: dict) -> None:

@@ -29,7 +29,7 @@ from phisearch.indexer.model.embedder import Embedder, sparse_of
 from phisearch.indexer.sources.folders import FOLDERS_DOC, FolderSource, doc_name, resolve_root
 from phisearch.indexer.sources.loader import loader
 from phisearch.indexer.sources.records import Batch, Sample
-from phisearch.indexer.sources.shards import expand
+from phisearch.indexer.sources.shards import expand, is_shard_folder
 from phisearch.indexer.store import (
     SCHEMA_VERSION,
     PointData,
@@ -118,11 +118,14 @@ def count_shard_points(batch: Batch, points: list[PointData], tally: ShardTally,
 
 
 def split_data(data: tuple[str, ...] | list[str]) -> tuple[list[str], list[str]]:
-    """--data entries -> (shard patterns, folder roots): an existing directory is a folder."""
+    """--data entries -> (shard patterns, folder roots): an existing directory is a folder of
+    images, unless it holds shards (.tar, .tar.gz, .tgz) and no images at its top level."""
     patterns: list[str] = []
     roots: list[str] = []
     for entry in data:
-        if os.path.isdir(os.path.expanduser(entry)):
+        if os.path.isdir(os.path.expanduser(entry)) and is_shard_folder(entry):
+            patterns.append(entry)
+        elif os.path.isdir(os.path.expanduser(entry)):
             root = resolve_root(entry)
             if root not in roots:
                 roots.append(root)

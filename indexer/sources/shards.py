@@ -7,10 +7,12 @@ sample it holds, so the writer can mark a shard complete exactly when its last p
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import os
 import tarfile
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -25,6 +27,25 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")   # gzip-compressed shards read like plain ones
+
+
+def is_shard_name(name: str) -> bool:
+    return not name.startswith(".") and name.lower().endswith(SHARD_SUFFIXES)
+
+
+def is_shard_folder(folder: str | Path) -> bool:
+    """A folder given as --data holds shards (not photos) when it has shard files and no image
+    files at its top level."""
+    names = [p.name for p in Path(folder).expanduser().iterdir() if p.is_file()]
+    return any(is_shard_name(n) for n in names) and not any(
+        n.lower().rsplit(".", 1)[-1] in IMAGE_EXTS for n in names if "." in n)
+
+
+def shards_in(folder: str | Path) -> list[str]:
+    """The shard files directly inside a folder, in name order (a folder of shards as --data)."""
+    return sorted(str(p) for p in Path(folder).expanduser().iterdir()
+                  if p.is_file() and is_shard_name(p.name))
 
 
 def shard_key(url: str) -> str:
@@ -34,17 +55,24 @@ def shard_key(url: str) -> str:
 
 
 def expand(patterns: Iterable[str]) -> list[str]:
-    """Paths, brace patterns and `pipe:` commands -> a list of shard urls (local paths resolved,
-    see shard_key). Missing local files are an error up front, not a skip in the middle of a
-    run."""
+    """Paths, brace patterns, folders of shards and `pipe:` commands -> a list of shard urls
+    (local paths resolved, see shard_key). Missing local files, and folders without shards,
+    are an error up front, not a skip in the middle of a run."""
     urls: list[str] = []
     for pattern in patterns:
-        for url in braceexpand(str(pattern)):
-            if not url.startswith("pipe:") and not Path(url).expanduser().is_file():
-                raise FileNotFoundError(f"shard not found: {url}")
-            url = shard_key(url)
-            if url not in urls:
-                urls.append(url)
+        for entry in braceexpand(str(pattern)):
+            found = [entry]
+            if not entry.startswith("pipe:") and Path(entry).expanduser().is_dir():
+                found = shards_in(entry)
+                if not found:
+                    raise FileNotFoundError(f"no shards ({', '.join(SHARD_SUFFIXES)}) in folder "
+                                            f"{entry}")
+            for url in found:
+                if not url.startswith("pipe:") and not Path(url).expanduser().is_file():
+                    raise FileNotFoundError(f"shard not found: {url}")
+                url = shard_key(url)
+                if url not in urls:
+                    urls.append(url)
     if not urls:
         raise ValueError("no shards given")
     return urls
@@ -87,8 +115,10 @@ def folder_info(url: str, dataset: str | None = None) -> FolderInfo:
 
 
 def _reason(exn: Exception) -> str:
-    if isinstance(exn, tarfile.ReadError) or "unexpected end" in str(exn).lower():
+    if isinstance(exn, (tarfile.ReadError, EOFError)) or "unexpected end" in str(exn).lower():
         return "truncated_tar"
+    if isinstance(exn, (gzip.BadGzipFile, zlib.error)):
+        return "corrupt_tar"
     if isinstance(exn, (FileNotFoundError, PermissionError)):
         return "unreadable_shard"
     if isinstance(exn, tarfile.TarError):
@@ -113,7 +143,9 @@ def read_shard(url: str) -> Iterator[dict | Skip | ShardFailed]:
         while errors:
             exn = errors.pop(0)
             reason = _reason(exn)
-            if reason == "truncated_tar":  # webdataset reports one cut twice (member, then tar)
+            # One damage is reported more than once (a cut: member, then tar; a bad gzip block:
+            # zlib, then the tar reader): the shard's reading ended, so count its first report.
+            if reason in ("truncated_tar", "corrupt_tar"):
                 if truncated["seen"]:
                     continue
                 truncated["seen"] = True
@@ -124,7 +156,8 @@ def read_shard(url: str) -> Iterator[dict | Skip | ShardFailed]:
                 first_error.append(skip)
 
     try:
-        stream = gopen(url)
+        raw_stream = gopen(url)
+        stream = unzipped(raw_stream)
     except Exception as exn:  # noqa: BLE001 - a failure of this shard; the run goes on
         yield ShardFailed(url, _reason(exn), one_line(exn))
         return
@@ -135,10 +168,14 @@ def read_shard(url: str) -> Iterator[dict | Skip | ShardFailed]:
             yield from drain()
             n_raw += 1
             yield raw
+        if not errors and n_raw:
+            rest_error(stream, errors)
         yield from drain()
     finally:
         try:
-            stream.close()
+            if stream is not raw_stream:
+                stream.close()      # a GzipFile does not close the file it reads
+            raw_stream.close()
             closed = None
         except OSError as exn:      # gopen's pipe: the command exited with an error
             closed = exn
@@ -147,6 +184,30 @@ def read_shard(url: str) -> Iterator[dict | Skip | ShardFailed]:
     elif not n_raw and first_error:
         detail = first_error[0].detail
         yield ShardFailed(url, "empty_shard" if "empty file" in detail else "not_a_tar", detail)
+
+
+def unzipped(stream):
+    """The shard's tar stream: gzip-compressed shards (`.tar.gz`, `.tgz`, told by their magic
+    bytes) are read through Python's gzip module, whose CRC and length checks turn a damaged
+    or cut file into an error instead of a silently shorter archive."""
+    head = stream.peek(2)[:2] if hasattr(stream, "peek") else b""
+    return gzip.GzipFile(fileobj=stream, mode="rb") if head == b"\x1f\x8b" else stream
+
+
+def rest_error(stream, errors: list[Exception]) -> None:
+    """After the last member: what follows must be the archive's zero padding. tarfile ends an
+    archive quietly at the first invalid header after the first member, so a damaged header in
+    the middle would otherwise drop every later sample without a word. Reading to the end also
+    makes gzip check the CRC of the whole file."""
+    try:
+        while chunk := stream.read(1 << 16):
+            if chunk.count(0) != len(chunk):
+                errors.append(tarfile.TarError(
+                    "the archive ends early: data follows its last readable member (a damaged "
+                    "header); the rest of the shard was not read"))
+                return
+    except (OSError, EOFError, zlib.error) as exn:
+        errors.append(exn)
 
 
 def one_line(exn: BaseException) -> str:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -33,6 +32,12 @@ from phisearch.indexer.sources.loader import first_samples, loader
 from phisearch.indexer.sources.records import Batch
 from phisearch.indexer.sources.shards import expand
 from phisearch.indexer.train.denoise_eval import denoise_eval
+from phisearch.indexer.train.schedule import (  # noqa: F401 - SIGMA_DISTS re-exported for the CLI
+    SIGMA_DISTS,
+    LrSchedule,
+    downscale,
+    sample_sigmas,
+)
 from phisearch.indexer.train.speed import StepMode, mode_from, probe
 from phisearch.indexer.train.state import dataset_size, load_state, save_state
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -63,22 +68,14 @@ class TrainConfig:
                                           # of 10+ minutes (1.35x, 67 s to compile: AVX2 host)
     resident: bool = False                # decode the training set once onto the device
     init_from: str | None = None          # warm start from this checkpoint (no optimizer state)
-    sigma_dist: str = "paper"             # paper (√σ uniform on [0, 1]) | uniform (σ uniform)
+    sigma_dist: str = "paper"             # paper (√σ uniform on [0, 1]) | uniform | focus
+    lr_schedule: str = "halve"            # halve (SPEC) | cosine | linear (schedule.LrSchedule)
+    warmup_steps: int = 0                 # linear lr warm-up (a warm restart wants one)
+    schedule_steps: int | None = None     # cosine / linear: planned steps from the run's start
+    resolution: int = 64                  # train on images area-downscaled to this side
     ema: float = 0.0                      # decay of the weights' moving average (0: none)
     curve_steps: tuple[int, ...] = field(default_factory=lambda: tuple(
         sorted({int(m * 10 ** e) for e in range(7) for m in (1, 2, 5)} | {0})))
-
-
-SIGMA_DISTS = ("paper", "uniform")
-
-
-def sample_sigmas(n: int, generator: torch.Generator, dist: str = "paper") -> torch.Tensor:
-    """σ ∈ [0, 1]. paper: √σ uniform, density ∝ σ^-1/2, small σ frequent (SPEC §1); uniform:
-    flat, so large σ (where only global content helps) are drawn 3x as often (issue 9)."""
-    if dist not in SIGMA_DISTS:
-        raise ValueError(f'unknown sigma distribution "{dist}"; choose from {SIGMA_DISTS}')
-    u = torch.rand(n, generator=generator)
-    return u ** 2 if dist == "paper" else u
 
 
 def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -129,7 +126,7 @@ class Trainer:
         # seconds: wall time inside the steps (a SIGSTOP'd process keeps counting);
         # cpu_seconds: the process's CPU time in them (all threads), counted from cpu_from_step.
         self.state = {"step": 0, "images": 0, "seconds": 0.0, "runs": 0, "cpu_seconds": 0.0,
-                      "cpu_from_step": None}
+                      "cpu_from_step": None, "schedule_start": None}
         self.history: list[dict] = []
         self.model, self.preset_name = self._load_model()
         self.ema = self._load_ema() if cfg.ema > 0 else None
@@ -142,6 +139,10 @@ class Trainer:
             self.state.update(meta)
         if self.state["cpu_from_step"] is None:   # a run (or state) from before CPU accounting
             self.state["cpu_from_step"] = self.state["step"]
+        if self.state.get("schedule_start") is None:   # the planned run starts here
+            self.state["schedule_start"] = self.state["step"]
+        self.schedule = LrSchedule(cfg.lr_schedule, cfg.lr, cfg.warmup_steps, cfg.schedule_steps,
+                                   self.state["schedule_start"], cfg.halve_every_epochs)
         if not restored:   # a new run, a warm start, or a state saved before generators were
             self.gen.manual_seed(cfg.seed * 7919 + self.state["step"])
         # CUDA draws its noise on the device: a resume there continues weights and Adam
@@ -176,7 +177,8 @@ class Trainer:
                               images=loaded.info.get("images_seen", 0),
                               seconds=loaded.info.get("train_seconds", 0.0),
                               cpu_seconds=loaded.info.get("train_cpu_seconds", 0.0),
-                              cpu_from_step=loaded.info.get("train_cpu_from_step"))
+                              cpu_from_step=loaded.info.get("train_cpu_from_step"),
+                              schedule_start=None)
             log.warning("warm start from %s: weights only, Adam moments start from zero",
                         cfg.init_from)
             return loaded.model.train(), loaded.info.get("preset") or None
@@ -206,8 +208,7 @@ class Trainer:
 
     # -- the loop's steps ----------------------------------------------------------------------
     def lr(self) -> float:
-        epoch = self.state["images"] / self.n_data
-        return self.cfg.lr * 0.5 ** math.floor(epoch / self.cfg.halve_every_epochs)
+        return self.schedule(self.state["step"], self.state["images"] / self.n_data)
 
     def step(self, x: torch.Tensor) -> float:
         """One optimizer step on clean images (N, 3, 64, 64) in [0, 1], on the CPU or already
@@ -215,7 +216,7 @@ class Trainer:
         lr = self.lr()
         for group in self.opt.param_groups:
             group["lr"] = lr
-        x = augment(x.to(self.device), self.gen)
+        x = downscale(augment(x.to(self.device), self.gen), self.cfg.resolution)
         sig = sample_sigmas(len(x), self.gen, self.cfg.sigma_dist)
         if self.device.type == "cuda":   # draw the noise where it is used
             z = torch.randn(x.shape, generator=self.dgen, device=self.device)

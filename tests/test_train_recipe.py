@@ -1,0 +1,96 @@
+"""The recipe options issue 26 compares by measured runs: lr schedules with warm-up, the `focus`
+noise-level distribution and training at 32x32. Each is checked by its values, and a real (tiny)
+training run shows the options reach the optimizer and the checkpoint's record."""
+
+import json
+import math
+
+import pytest
+import torch
+from phisearch.indexer.model import checkpoint as ckpt
+from phisearch.indexer.train.loop import TrainConfig, train
+from phisearch.indexer.train.schedule import LrSchedule, downscale, sample_sigmas
+
+
+def tiny_cfg(mini_shard, out, steps, **kw) -> TrainConfig:
+    return TrainConfig(data=(mini_shard,), out=str(out), preset="tiny", batch_size=8,
+                       max_steps=steps, dtype="fp32", workers=0, device="cpu", **kw)
+
+
+def test_cosine_warms_up_then_decays_to_zero_over_the_planned_steps():
+    s = LrSchedule("cosine", base=1e-3, warmup=10, steps=110, start=1000)
+    assert s(1000, 0) == pytest.approx(1e-4)            # first warm-up step: base / warmup
+    assert s(1009, 0) == pytest.approx(1e-3)            # last warm-up step: base
+    assert s(1010, 0) == pytest.approx(1e-3)            # decay starts at base
+    assert s(1060, 0) == pytest.approx(5e-4)            # half way through the decay
+    assert s(1110, 0) == pytest.approx(0.0, abs=1e-12)  # the end of the planned run ...
+    assert s(5000, 0) == pytest.approx(0.0, abs=1e-12)  # ... and after it
+    lin = LrSchedule("linear", base=1e-3, warmup=0, steps=100, start=0)
+    assert [lin(k, 0) for k in (0, 25, 100)] == pytest.approx([1e-3, 7.5e-4, 0.0])
+
+
+def test_halve_is_the_papers_schedule_and_bad_schedules_are_refused():
+    s = LrSchedule("halve", base=1e-3, halve_every_epochs=3)
+    assert [s(0, e) for e in (0.0, 2.99, 3.0, 6.5)] == pytest.approx([1e-3, 1e-3, 5e-4, 2.5e-4])
+    with pytest.raises(ValueError, match="needs --schedule-steps"):
+        LrSchedule("cosine", base=1e-3, warmup=100, steps=50)
+    with pytest.raises(ValueError, match="unknown lr schedule"):
+        LrSchedule("step", base=1e-3)
+
+
+def test_focus_puts_two_thirds_of_the_draws_where_phi_is_read_and_sampling_starts():
+    s = sample_sigmas(300_000, torch.Generator().manual_seed(0), "focus")
+    assert 0 <= float(s.min()) and float(s.max()) <= 1
+    read = float(((s >= 0.1) & (s <= 0.4)).float().mean())
+    start = float((s >= 0.6).float().mean())
+    # a third each from the two windows, plus the paper's own share of them
+    assert read == pytest.approx(1 / 3 + (math.sqrt(0.4) - math.sqrt(0.1)) / 3, abs=0.005)
+    assert start == pytest.approx(1 / 3 + (1 - math.sqrt(0.6)) / 3, abs=0.005)
+    paper = sample_sigmas(300_000, torch.Generator().manual_seed(0), "paper")
+    assert read > 1.3 * float(((paper >= 0.1) & (paper <= 0.4)).float().mean())
+
+
+def test_downscale_is_an_area_average():
+    x = torch.arange(16.0).view(1, 1, 4, 4).repeat(1, 3, 1, 1)
+    y = downscale(x, 2)
+    assert y.shape == (1, 3, 2, 2)
+    assert y[0, 0].tolist() == [[2.5, 4.5], [10.5, 12.5]]
+    assert downscale(x, 4) is x
+    with pytest.raises(ValueError, match="must divide"):
+        downscale(x, 3)
+
+
+def test_a_warm_start_with_a_cosine_schedule_decays_over_its_own_run_and_resumes_it(
+        tmp_path, tiny_checkpoint, mini_shard):
+    start = json.loads(tiny_checkpoint.with_suffix(".json").read_text())["steps"]
+    cfg = dict(init_from=str(tiny_checkpoint), lr=1e-3, lr_schedule="cosine", warmup_steps=2,
+               schedule_steps=6)
+    train(tiny_cfg(mini_shard, tmp_path, start + 3, **cfg))
+    t_info = ckpt.load(tmp_path / "model.safetensors").info
+    assert t_info["train"]["lr_schedule"] == "cosine" and t_info["train"]["schedule_steps"] == 6
+    # the resume continues the same schedule (its start is the warm start's step, not 0)
+    from phisearch.indexer.train.loop import Trainer
+
+    t = Trainer(tiny_cfg(mini_shard, tmp_path, start + 6, **cfg))
+    assert t.state["schedule_start"] == start and t.state["step"] == start + 3
+    assert t.lr() == pytest.approx(t.schedule(start + 3, 0))
+    train(tiny_cfg(mini_shard, tmp_path, start + 6, **cfg))
+    t = Trainer(tiny_cfg(mini_shard, tmp_path, start + 6, **cfg))
+    assert t.state["step"] == start + 6 and t.lr() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_training_at_32_feeds_the_network_32x32_and_it_still_denoises_64x64(tmp_path,
+                                                                            mini_shard):
+    from phisearch.indexer.train.loop import Trainer, load_images
+
+    t = Trainer(tiny_cfg(mini_shard, tmp_path, 1, resolution=32, compile=False))
+    shapes: list[tuple[int, ...]] = []
+    t.model.register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape)))
+    x = torch.from_numpy(load_images([mini_shard], 8)).permute(0, 3, 1, 2).float() / 255
+    t.step(x)
+    assert shapes == [(8, 3, 32, 32)]
+    path = train(tiny_cfg(mini_shard, tmp_path / "run", 3, resolution=32,
+                          test_data=(mini_shard,), eval_images=16))
+    info = ckpt.load(path).info
+    assert info["train"]["resolution"] == 32
+    assert set(info["psnr"]) >= {"0.1", "0.4"}   # measured on the 64x64 test images

@@ -17,6 +17,7 @@ from phisearch.indexer.cli.common import (
     StoreOpt,
     UrlOpt,
     UserError,
+    check_device,
     emit_json,
     store_config,
     warn_if_missing,
@@ -48,6 +49,13 @@ def eval_cmd(
         "(comma-separated).")] = "mid,blocks,mid+white64,blocks+white64,blocks+white64+l2,blocks+white128+l2",
     limit_queries: Annotated[int | None, typer.Option("--limit-queries", min=1)] = None,
     limit_gallery: Annotated[int | None, typer.Option("--limit-gallery", min=1)] = None,
+    queries_per_class: Annotated[int | None, typer.Option(
+        "--queries-per-class", min=1, help="Queries: N of each class, in shard order.")] = None,
+    queries_skip_per_class: Annotated[int, typer.Option(
+        "--queries-skip-per-class", min=0, help="... after skipping M of each class (a "
+        "disjoint validation subset).")] = 0,
+    gallery_per_class: Annotated[int | None, typer.Option(
+        "--gallery-per-class", min=1, help="Gallery: N of each class, in shard order.")] = None,
     sigma: Annotated[float | None, typer.Option(
         "--sigma", min=0, help="σ of `phi` (default: the checkpoint's, else 0.2).")] = None,
     phi_draws: Annotated[int | None, typer.Option(
@@ -81,7 +89,7 @@ def eval_cmd(
       --gallery 'imagenette-train-{000000..000004}.tar' --json
 
     \f
-    (Over 80 lines because its 21 options are its signature; the work is search.evaluate.)
+    (Over 80 lines because its 24 options are its signature; the work is search.evaluate.)
     """
     import json
 
@@ -100,6 +108,8 @@ def eval_cmd(
         sigma=sigma, draws=phi_draws, seed=seed, extra=extra,
         readouts=tuple(r for r in readouts.replace(" ", "").split(",") if r),
         limit_queries=limit_queries, limit_gallery=limit_gallery, batch_size=batch_size,
+        queries_per_class=queries_per_class, queries_skip_per_class=queries_skip_per_class,
+        gallery_per_class=gallery_per_class,
         device=str(pick_device(device)), cache_dir=str(cache) if cache else None)
     with StagedProgress(lambda stage: "step" if stage == "score" else "img") as on_progress:
         result = ev.evaluate(checkpoint, list(queries), list(gallery), readout, settings,
@@ -165,6 +175,7 @@ def reconstruct(
     from phisearch.indexer.cli.common import progress
     from phisearch.indexer.model.embedder import Embedder
 
+    from . import query as q
     from . import reconstruct as rc
 
     given = [x is not None for x in (image, point_id, key, cluster, vector)]
@@ -183,8 +194,8 @@ def reconstruct(
     else:
         scfg = store_config(store, qdrant_url, api_key, collection)
         meta, target, first = _stored_target(scfg, point_id, key, cluster, dataset)
-        emb = Embedder.from_meta(meta if checkpoint is None else {**meta,
-                                 "checkpoint": checkpoint}, device)
+        emb = q.embedder_for(meta if checkpoint is None else {**meta, "checkpoint": checkpoint},
+                             device, where(scfg))
         if target.shape != (emb.checkpoint.model.mid_channels,):
             raise UserError(f"stored vector has {target.shape[0]} channels, the model "
                             f"{emb.checkpoint.model.mid_channels}")
@@ -306,8 +317,8 @@ def serve(
         "container).")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8000,
     device: Annotated[str, typer.Option(
-        "--device", help="cpu | cuda | auto, for uploads' φ (cpu = what idx query computes).")
-    ] = "cpu",
+        "--device", callback=check_device,
+        help="cpu | cuda | auto, for uploads' φ (cpu = what idx query computes).")] = "cpu",
     max_bytes: Annotated[int, typer.Option(
         "--max-bytes", min=1, help="Largest request body; larger ones get 413.")
     ] = 20 * 1024 * 1024,
@@ -320,8 +331,11 @@ def serve(
         "0: open and close per request).")] = float("inf"),
 ) -> None:
     """Serve φ and search over HTTP (FastAPI): GET /healthz, POST /phi, POST /search.
-    Uploads are embedded with the collection's own model and φ settings. With an Edge store,
-    each request opens and closes it, so idx build can run meanwhile (requests then get 503).
+    Uploads are embedded with the collection's own model and φ settings (checked against the
+    collection: a checkpoint changed since the build gets 503, and /healthz says so). With an
+    Edge store, serve keeps the collection open between requests and hands it over when
+    another process (idx build) asks; requests meanwhile get 503 busy. An alias (--collection
+    live) is looked up on every request, so `idx alias set` switches a running serve.
 
     \b
     Example: idx serve --store ~/.phisearch/store --port 8000

@@ -46,7 +46,6 @@ def query(
     \b
     Example: idx query photo.jpg -k 5 --json
     """
-    from phisearch.indexer.model.embedder import Embedder
     from phisearch.indexer.sources import images
     from phisearch.indexer.store import open_store
 
@@ -67,7 +66,8 @@ def query(
         try:
             meta = q.require_meta(st)
             if image is not None:
-                target = q.target_from_image(image.read_bytes(), Embedder.from_meta(meta, device))
+                target = q.target_from_image(image.read_bytes(),
+                                             q.embedder_for(meta, device, st.where))
             elif key is not None:
                 target = q.target_from_key(st, key, meta["sparse_dim"], dataset)
             else:

@@ -31,8 +31,8 @@ from phisearch.indexer.model.readout import (
     l2_normalize,
     parse_label,
 )
-from phisearch.indexer.sources.loader import first_samples
-from phisearch.indexer.sources.shards import expand
+from phisearch.indexer.sources.loader import first_samples, loader
+from phisearch.indexer.sources.shards import expand, folder_info
 from phisearch.search.metrics import score
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
@@ -54,6 +54,13 @@ class EvalSettings:
                                  "blocks+white64+l2", "blocks+white128+l2")
     limit_queries: int | None = None
     limit_gallery: int | None = None
+    # Balanced subsets (issue 26's protocols): N of each class, after skipping M of each.
+    queries_per_class: int | None = None
+    queries_skip_per_class: int = 0
+    gallery_per_class: int | None = None
+    # Fit every whitening on the gallery even where the checkpoint stores one (recipe runs:
+    # every network judged the same way).
+    refit_whitening: bool = False
     batch_size: int = 64
     device: str = "cpu"
     kmeans_seed: int = 0
@@ -69,15 +76,44 @@ class EvalSettings:
 # Data and vectors
 
 
-def load_split(urls: Sequence[str] | str, limit: int | None = None
+def load_split(urls: Sequence[str] | str, limit: int | None = None,
+               per_class: int | None = None, skip_per_class: int = 0
                ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """The first `limit` labelled samples of the shards, in order: images (N, 64, 64, 3) uint8,
     labels (N,) int64, keys ("dataset/key", the identity of a point). Unlabelled samples are
-    left out (they cannot be scored)."""
-    samples = first_samples(expand([urls] if isinstance(urls, str) else urls), limit,
-                            labelled=True)
+    left out (they cannot be scored). With `per_class`: of each label, the samples numbered
+    skip_per_class .. skip_per_class + per_class - 1 in shard order (a fixed, balanced subset;
+    another skip gives a disjoint one, e.g. validation beside test)."""
+    url_list = expand([urls] if isinstance(urls, str) else urls)
+    if per_class is None:
+        samples = first_samples(url_list, limit, labelled=True)
+    else:
+        samples = per_class_samples(url_list, per_class, skip_per_class)[:limit]
     return (np.stack([s.image for s in samples]), np.asarray([s.label for s in samples], np.int64),
             [f"{s.dataset}/{s.key}" for s in samples])
+
+
+def per_class_samples(urls: list[str], per_class: int, skip: int = 0) -> list:
+    """Samples skip..skip+per_class-1 of each label, in shard order. Reading stops once every
+    class named by the shards' labels.tsv has its share (the shards are class-mixed)."""
+    classes = len(folder_info(urls[0]).label_names) or None
+    seen: dict[int, int] = {}
+    out = []
+    full = 0
+    for batch in loader(urls, batch_size=256, workers=0):
+        for s in batch.samples:
+            if s.label is None:
+                continue
+            n = seen.get(s.label, 0)
+            seen[s.label] = n + 1
+            if skip <= n < skip + per_class:
+                out.append(s)
+                full += n == skip + per_class - 1
+        if classes is not None and full >= classes:
+            break
+    if not out:
+        raise ValueError(f"no labelled samples in {urls}")
+    return out
 
 
 def embed_images(model: torch.nn.Module, images: np.ndarray, sigma: float, draws: int, seed: int,
@@ -158,8 +194,10 @@ class _Run:
         self.device = torch.device(st.device)
         self.seconds: dict[str, Any] = {"embed": {}, "score": {}}
         t = time.perf_counter()
-        self.q_img, self.q_lab, q_keys = load_split(query_urls, st.limit_queries)
-        self.g_img, self.g_lab, g_keys = load_split(gallery_urls, st.limit_gallery)
+        self.q_img, self.q_lab, q_keys = load_split(query_urls, st.limit_queries,
+                                                    st.queries_per_class, st.queries_skip_per_class)
+        self.g_img, self.g_lab, g_keys = load_split(gallery_urls, st.limit_gallery,
+                                                    st.gallery_per_class)
         where = {key: i for i, key in enumerate(g_keys)}
         self.exclude = np.array([where.get(key, -1) for key in q_keys], np.int64)
         self.seconds["load"] = time.perf_counter() - t
@@ -220,7 +258,7 @@ class _Run:
         x = r.concat({t: torch.from_numpy(f[t]) for t in r.taps})
         if spec.white is not None:
             w = None
-            if stored is not None:
+            if stored is not None and not self.st.refit_whitening:
                 try:
                     w = Readout.from_checkpoint(lab, stored).whitening
                     self.whitening_notes[rep] = "stored in the checkpoint"

@@ -2,7 +2,9 @@
 
 An uploaded image goes through the collection's own preprocessing, checkpoint and φ settings
 (read from the collection's metadata), never the CLI defaults, so a store built long ago stays
-searchable after a default changes.
+searchable after a default changes. The loaded model must make the collection's vectors: its
+whole identity (store.IDENTITY_KEYS, the readout's whitening included) is checked against the
+collection's (embedder_for), so a checkpoint changed since the build is refused in one line.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from phisearch.indexer.manage.aliases import missing_collection
 from phisearch.indexer.model.embedder import Embedder, dense_of
 from phisearch.indexer.sources import images
 from phisearch.indexer.store import CLUSTERS_DOC, Hit, Store
+from phisearch.indexer.store.base import check_identity, prepare_meta
 
 # `path`: a folder file's location (null for shard samples), so a hit can be opened.
 HIT_KEYS = ("key", "label", "label_name", "cluster_id", "dataset", "shard", "path")
@@ -30,6 +33,18 @@ def require_meta(store: Store, where: str = "") -> dict:
     if meta is None:
         raise NotFound(missing_collection(store.cfg))
     return meta
+
+
+def embedder_for(meta: dict, device: str = "cpu", where: str = "the collection") -> Embedder:
+    """The model, readout and φ settings a collection was built with, loaded from the
+    checkpoint its meta names, and checked to make the same vectors: every identity key, the
+    readout's sha256 included (a checkpoint refitted in place keeps its weights' hash).
+    Raises MetaMismatch (one line) when they differ; ValueError / OSError when it cannot load."""
+    emb = Embedder.from_meta(meta, device)
+    made = prepare_meta(emb.meta())   # as a build would record it (schema_version filled in)
+    source = f"checkpoint {meta.get('checkpoint')}"
+    check_identity(meta, made, where, source)
+    return emb
 
 
 def hit_json(h: Hit) -> dict:

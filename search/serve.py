@@ -1,10 +1,13 @@
 """`idx serve`: φ and search over HTTP (FastAPI), for services that hold no model of their own.
 
 Endpoints (all JSON):
-  GET  /healthz   200 {"status": "ok", collection, points, model_sha256, ...}
-                  503 {"status": "unhealthy", "reason": ...} (no collection, store busy, server down)
+  GET  /healthz   200 {"status": "ok", collection, resolved_collection, points, model_sha256,
+                  ..., "model": {"state": "loaded", "device", "checkpoint"}}
+                  503 {"status": "unhealthy", "reason": ...} (no collection, store busy, server
+                  down, or the model cannot be loaded or no longer makes the collection's
+                  vectors: "model": {"state": "failed", "reason": one line})
   POST /phi       an image (multipart file or raw body) -> its φ with the COLLECTION's model and
-                  settings (Embedder.from_meta): {"phi", "phi_sparse": {"indices", "values"},
+                  settings (query.embedder_for): {"phi", "phi_sparse": {"indices", "values"},
                   "model_sha256", "readout", "sigma", "draws", "seed"}
   POST /search    an image, ?k=&label=&cluster=&dataset= -> {"hits": [CONTRACT hit shape]}
   GET  /          the endpoints, and where the OpenAPI schema is (/docs is off: serve_api.py)
@@ -21,7 +24,13 @@ process holds it, requests wait up to `busy_wait` (default 1 s) and then get 503
 {"error": "busy"} with `Retry-After: 1`; afterwards serve opens it again. `--hold S` keeps an
 idle handle at most S seconds (0: open and close per request). A Qdrant server has no such
 limit: one client is kept for the life of the process.
-The model is loaded once per collection identity (model, readout, φ settings) and cached.
+Aliases: --collection may be an alias; every request looks up its target (holder.py), so
+`idx alias set` moves a running serve to the new collection at its next request.
+The model: loaded once per collection identity (store.IDENTITY_KEYS: model, readout and its
+whitening, φ settings) and checkpoint file (path, inode, size, mtime: a checkpoint refitted in
+place is read again), and checked against the collection (query.embedder_for) before it answers;
+a model that cannot load, or no longer makes the collection's vectors, is a 503 on /phi,
+/search and /healthz with the reason. The device is checked when the app is made.
 """
 
 from __future__ import annotations
@@ -39,16 +48,18 @@ import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse
 from phisearch.indexer.manage.aliases import missing_collection
-from phisearch.indexer.model.embedder import Embedder, sparse_of
+from phisearch.indexer.model.embedder import Embedder, checkpoint_stamp, pick_device, sparse_of
 from phisearch.indexer.sources import images
 from phisearch.indexer.store import (
     INT64_MAX,
     INT64_MIN,
+    MetaMismatch,
     Store,
     StoreBusy,
     StoreConfig,
     StoreError,
 )
+from phisearch.indexer.store.base import identity
 from phisearch.indexer.store.holder import StoreHolder
 from starlette.concurrency import run_in_threadpool
 
@@ -61,7 +72,7 @@ T = TypeVar("T")
 MAX_BYTES = 20 * 1024 * 1024     # default request body limit
 UNDECODABLE = {"empty", "not_an_image", "corrupt_image"}   # -> 400; other BadImage -> 422
 SEARCH_PARAMS = ("k", "label", "cluster", "dataset", "id")
-_IDENTITY = ("model_sha256", "checkpoint", "readout", "sigma", "draws", "seed")
+MODELS_KEPT = 4                  # models cached (one per collection identity and checkpoint file)
 
 
 @dataclass(frozen=True)
@@ -83,7 +94,7 @@ class Service:
         self.store_cfg = replace(cfg.store, busy_wait=cfg.busy_wait)
         self.holder = StoreHolder(self.store_cfg, cfg.hold_s)   # the one shared with the UI
         self._model_lock = threading.Lock()
-        self._models: dict[str, Embedder] = {}
+        self._models: dict[str, Embedder | ApiError] = {}   # a failure is kept too (healthz)
 
     @property
     def where(self) -> str:
@@ -112,21 +123,41 @@ class Service:
                                reason="not_built")
             return fn(st, meta)
 
+    def model_key(self, meta: dict) -> str:
+        """The cache key: the collection's identity, the checkpoint it names and that file's
+        stamp (a file refitted in place changes it), and the device."""
+        try:
+            stamp = list(checkpoint_stamp(meta.get("checkpoint")))
+        except OSError as e:   # no such file: keyed on the error, looked for again next time
+            stamp = [str(e)]
+        return json.dumps([identity(meta), meta.get("checkpoint"), stamp, self.cfg.device],
+                          sort_keys=True, default=str)
+
     def embedder(self, meta: dict) -> Embedder:
-        """The collection's model and φ settings, loaded once and cached by identity."""
-        ident = json.dumps({k: meta.get(k) for k in _IDENTITY}, sort_keys=True)
+        """The collection's model and φ settings: loaded once per model_key, checked to make
+        the collection's vectors; a failure (503) is kept under its key as well."""
+        key = self.model_key(meta)
         with self._model_lock:
-            emb = self._models.get(ident)
-            if emb is None:
-                try:
-                    emb = Embedder.from_meta(meta, self.cfg.device)
-                except (ValueError, OSError, KeyError) as e:
-                    raise ApiError(503, "model_unavailable",
-                                   f"cannot load the collection's model: {e}",
-                                   reason="model_load_failed") from None
-                self._models[ident] = emb
-                log.info("loaded model %s for %s", emb.checkpoint.sha256[:12], self.where)
-            return emb
+            got = self._models.get(key)
+            if got is None:
+                got = self._load(meta)
+                while len(self._models) >= MODELS_KEPT:
+                    self._models.pop(next(iter(self._models)))
+                self._models[key] = got
+            if isinstance(got, ApiError):
+                raise got
+            return got
+
+    def _load(self, meta: dict) -> Embedder | ApiError:
+        try:
+            emb = q.embedder_for(meta, self.cfg.device, self.where)
+        except MetaMismatch as e:
+            return _model_failed(str(e), "model_mismatch")
+        except Exception as e:  # noqa: BLE001 - whatever stops the load, /healthz says it
+            log.warning("cannot load the model for %s: %s", self.where, e)
+            return _model_failed(f"cannot load the collection's model: {e}", "model_load_failed")
+        log.info("loaded model %s for %s", emb.checkpoint.sha256[:12], self.where)
+        return emb
 
     def embed(self, data: bytes, meta: dict) -> tuple[np.ndarray, np.ndarray, Embedder]:
         """Bytes -> (dense (dim,), middle-block means (C,)), exactly as indexing computes them."""
@@ -141,15 +172,21 @@ class Service:
         return dense[0], mid[0], emb
 
     def health(self) -> dict:
-        def fn(st: Store, meta: dict) -> dict:
-            return {"status": "ok", "backend": st.backend, "collection": self.store_cfg.collection,
-                    "points": st.count(), "model_sha256": meta.get("model_sha256"),
-                    "readout": meta.get("readout"), "sigma": meta.get("sigma"),
-                    "draws": meta.get("draws"), "seed": meta.get("seed"), "dim": meta.get("dim"),
-                    "schema_version": meta.get("schema_version"),
-                    "model_loaded": any(e.checkpoint.sha256 == meta.get("model_sha256")
-                                        for e in self._models.values())}
-        return self.read(fn)
+        """The collection and the model's state: 200 only when both can answer (the model is
+        loaded here if it was not yet, outside the store lock)."""
+        def fn(st: Store, meta: dict) -> tuple[dict, dict]:
+            return meta, {
+                "status": "ok", "backend": st.backend, "collection": self.store_cfg.collection,
+                "resolved_collection": st.name, "points": st.count(),
+                "model_sha256": meta.get("model_sha256"), "readout": meta.get("readout"),
+                "sigma": meta.get("sigma"), "draws": meta.get("draws"), "seed": meta.get("seed"),
+                "dim": meta.get("dim"), "schema_version": meta.get("schema_version")}
+        meta, out = self.read(fn)
+        emb = self.embedder(meta)   # ApiError with "model": {"state": "failed", ...}
+        out["model"] = {"state": "loaded", "device": str(emb.device),
+                        "checkpoint": emb.checkpoint.name}
+        out["model_loaded"] = True
+        return out
 
     def phi(self, data: bytes) -> dict:
         # meta under the store lock, the model pass outside it: a φ never blocks `idx build`
@@ -184,6 +221,13 @@ class Service:
 
     def close(self) -> None:
         self.holder.release()
+
+
+def _model_failed(message: str, reason: str) -> ApiError:
+    """The 503 of a model that cannot answer for the collection (kept, and shown by /healthz)."""
+    message = " ".join(message.split())   # one line, whatever the exception said
+    return ApiError(503, "model_unavailable", message, reason=reason,
+                    model={"state": "failed", "reason": message})
 
 
 def _answer(st: Store, hits: list, query: dict, meta: dict) -> dict:
@@ -239,7 +283,9 @@ async def image_bytes(request: Request, max_bytes: int) -> bytes:
 def create_app(store_cfg: StoreConfig, device: str = "cpu", max_bytes: int = MAX_BYTES,
                busy_wait: float = 1.0, hold_s: float = math.inf, warm: bool = True) -> FastAPI:
     """The HTTP app over one collection. warm: load the model at start-up when the collection
-    is readable (else on the first request)."""
+    is readable (else on the first request). A device that is no device, or cuda where torch
+    sees none, is refused here (ValueError, one line) rather than as a 503 on every request."""
+    pick_device(device)
     svc = Service(ServeConfig(store=store_cfg, device=device, max_bytes=max_bytes,
                               busy_wait=busy_wait, hold_s=hold_s))
 

@@ -3,9 +3,15 @@ tiny trained checkpoint, and the store backends the store tests run on (STORE_KI
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
+import sys
+import traceback
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +19,12 @@ import pytest
 import torch
 
 # One intra-op thread: tests use tiny models, and with a busy CPU more threads oversubscribe the
-# cores and run ~10x slower. PHISEARCH_TEST_THREADS overrides.
-torch.set_num_threads(int(os.environ.get("PHISEARCH_TEST_THREADS", "1")))
+# cores and run ~10x slower. PHISEARCH_TEST_THREADS overrides. numba (UMAP in `idx cluster`)
+# shares torch's OpenMP runtime and sets its thread count to the cores when it first runs a
+# parallel function, so it gets one thread too, and torch's is put back after every test.
+TORCH_THREADS = int(os.environ.get("PHISEARCH_TEST_THREADS", "1"))
+os.environ.setdefault("NUMBA_NUM_THREADS", str(TORCH_THREADS))
+torch.set_num_threads(TORCH_THREADS)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -38,6 +48,15 @@ def pytest_configure(config: pytest.Config) -> None:
     # checks them (test_store.py::test_payload_indexes_on_a_real_server).
     config.addinivalue_line(
         "filterwarnings", "ignore:Payload indexes have no effect in the local Qdrant:UserWarning")
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads() -> Iterator[None]:
+    """Whatever a test ran (numba, a library that sets threads), the next starts with
+    TORCH_THREADS: one test's 2 threads made every later torch test ~10x slower on a busy host."""
+    yield
+    if torch.get_num_threads() != TORCH_THREADS:
+        torch.set_num_threads(TORCH_THREADS)
 
 
 @pytest.fixture(scope="session")
@@ -135,3 +154,64 @@ def mini_store(tmp_path_factory: pytest.TempPathFactory, mini_shard: str, tiny_c
                       checkpoint=tiny_ckpt, phi=PhiConfig(sigma=0.2, draws=2, seed=0),
                       batch_size=50, workers=0, device="cpu"))
     return root
+
+
+@dataclass
+class Ran:
+    """What an `idx` run gave: subprocess.CompletedProcess's fields."""
+    args: list[str]
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_idx(*args: str, cwd: str | Path | None = None, env: dict[str, str] | None = None) -> Ran:
+    """`idx ARGS` in this process through ui.cli.main, as the console script runs it (exit
+    codes, one-line errors, a traceback as an uncaught exception would print it), without an
+    interpreter and torch start-up per call. `env`: variables set for the call
+    (PHISEARCH_NO_PROGRESS=1 is). Tests where the process boundary matters (signals, what a
+    fresh interpreter imports, the console script itself) run the real command instead."""
+    from phisearch.ui import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    handler = logging.StreamHandler(err)   # what setup_logging's basicConfig gives a process
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    verbose = any(a in ("-v", "--verbose", "--debug") for a in args)
+    handler.setLevel(logging.INFO if verbose else logging.WARNING)
+    root = logging.getLogger()
+    saved = (sys.argv, os.getcwd(), root.level, {k: os.environ.get(k) for k in (env or {})},
+             os.environ.get("PHISEARCH_NO_PROGRESS"))
+    os.environ.update(env or {})
+    os.environ["PHISEARCH_NO_PROGRESS"] = (env or {}).get("PHISEARCH_NO_PROGRESS", "1")
+    sys.argv = ["idx", *args]
+    root.addHandler(handler)
+    root.setLevel(min(root.level or logging.WARNING, handler.level))
+    code = 0
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                cli.main()
+            except SystemExit as e:
+                if isinstance(e.code, str):
+                    print(e.code, file=sys.stderr)
+                code = e.code if isinstance(e.code, int) else int(e.code is not None)
+            except Exception:   # noqa: BLE001 - as the interpreter reports an uncaught one
+                traceback.print_exc()
+                code = 1
+    finally:
+        root.removeHandler(handler)
+        sys.argv, cwd_before, root_level, env_before, progress = saved
+        os.chdir(cwd_before)
+        root.setLevel(root_level)
+        for k, v in env_before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        if progress is None:
+            os.environ.pop("PHISEARCH_NO_PROGRESS", None)
+        else:
+            os.environ["PHISEARCH_NO_PROGRESS"] = progress
+    return Ran(list(args), code, out.getvalue(), err.getvalue())

@@ -1,12 +1,19 @@
-"""Shards with known defects, written on the fly from the real mini shard (nothing committed)."""
+"""Shards with known defects, written on the fly from the real mini shard (nothing committed),
+and a shard that stops where a test wants it to (Gate)."""
 
 from __future__ import annotations
 
+import errno
 import io
+import os
 import struct
+import subprocess
+import sys
 import tarfile
+import time
 import zlib
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 from PIL import Image
@@ -120,3 +127,101 @@ def write_truncated_tar(path: Path, good_from: str, n: int) -> int:
     with open(path, "r+b") as f:
         f.truncate(cut)
     return n - 1
+
+
+# ------------------------------------------------------------------ a shard that waits
+
+GATE_SCRIPT = '''\
+"""Writes the shard argv[3] up to byte argv[2], waits until its reader has taken all of it,
+opens the FIFO argv[1] (blocks until the test opens it), reads it to EOF (the test closes it),
+then writes the rest. Leaves quietly when its reader is gone."""
+import array, fcntl, os, select, sys, termios, time
+gate, offset, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+data = open(path, "rb").read()
+out = sys.stdout.buffer
+try:
+    out.write(data[:offset])
+    out.flush()
+    poll, left = select.poll(), array.array("i", [1])
+    poll.register(1, select.POLLOUT)
+    while left[0]:
+        fcntl.ioctl(1, termios.FIONREAD, left)
+        if any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poll.poll(0)):
+            os._exit(0)
+        time.sleep(0.005)
+    with open(gate, "rb") as g:
+        g.read()
+    out.write(data[offset:])
+    out.flush()
+except BrokenPipeError:
+    os._exit(0)
+'''
+
+
+class Gate:
+    """A `pipe:` shard that stops at a byte offset until the test lets it go: a test waits for
+    that state (wait) instead of for a time. The stop is a FIFO; release() ends it and replaces
+    it by an empty file, so later reads of the same url (a resume) never stop."""
+
+    def __init__(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / "gate"
+        self.script = folder / "gate_shard.py"
+        self.script.write_text(GATE_SCRIPT)
+        os.mkfifo(self.path)
+        self.fd: int | None = None
+
+    def url(self, shard: str | Path, offset: int = 0) -> str:
+        """The pipe url: `shard` up to `offset` bytes, the stop, the rest. The shard's path comes
+        last, so its folder's manifest names the dataset (sources.shards.folder_info)."""
+        return f"pipe:{sys.executable} {self.script} {self.path} {offset} {shard}"
+
+    def reached(self) -> bool:
+        """True once the shard's reader has taken every byte before the stop and waits at it
+        (a FIFO opens for writing without blocking only when its reader is there)."""
+        if self.fd is None:
+            try:
+                self.fd = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError as e:
+                if e.errno != errno.ENXIO:
+                    raise
+        return self.fd is not None
+
+    def wait(self, proc: subprocess.Popen | None = None, timeout: float = 120) -> bool:
+        """Block until reached() (False if `proc` exits first or `timeout`, a failure bound)."""
+        deadline = time.monotonic() + timeout
+        while not self.reached():
+            if (proc is not None and proc.poll() is not None) or time.monotonic() > deadline:
+                return False
+            time.sleep(0.005)
+        return True
+
+    def release(self) -> None:
+        """Let the shard go on, now and for every later read."""
+        if self.path.is_fifo():
+            self.reached()      # a reader blocked in open() is let through too
+            empty = self.path.with_name("gate.empty")
+            empty.touch()
+            os.replace(empty, self.path)
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def sample_offset(shard: str | Path, n: int) -> int:
+    """The byte offset at which sample n (0-based) of a shard starts."""
+    with tarfile.open(shard) as tf:
+        seen: list[str] = []
+        for m in tf:
+            key = m.name.split(".", 1)[0]
+            if key not in seen:
+                if len(seen) == n:
+                    return m.offset
+                seen.append(key)
+    raise ValueError(f"{shard} holds {len(seen)} samples, not {n + 1}")

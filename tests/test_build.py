@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
-from conftest import STORE_KINDS, drop, store_place
+from conftest import STORE_KINDS, drop, run_idx, store_place
+from fixtures import Gate
 from phisearch.indexer.ingest.pipeline import BuildConfig, build
 from phisearch.indexer.ingest.summary import status
 from phisearch.indexer.model import checkpoint as ckpt
@@ -119,43 +120,48 @@ def test_bad_inputs_are_counted_and_good_ones_indexed(store_cfg, mini_shard, tin
     n_trunc = write_truncated_tar(trunc, mini_shard, 10)
     summary = run_build(store_cfg, [str(bad), str(trunc)], tiny_ckpt, dataset="badset")
     good = expected.pop("good")
-    assert summary["indexed"] >= good + n_trunc - 1
+    # both fixture shards copy the first 6 mini images, so they share keys: the second shard's
+    # copies are duplicate keys of the first (its points kept), one point per key
+    shared = 6
+    assert summary["indexed"] >= good + n_trunc - 1 - shared
     for reason, n in expected.items():
         assert summary["skipped"].get(reason) == n, (reason, summary["skipped"])
     assert summary["skipped"].get("truncated_tar") == 1
+    assert summary["skipped"].get("duplicate_key") == shared
     listed = {(s["reason"]) for s in summary["skipped_samples"]}
     assert set(expected) <= listed
-    # both fixture shards copy the first mini images, so they share keys: one point per key
     with open_store(store_cfg) as st:
         keys = [h.payload["key"] for h in st.scroll()]
-    assert summary["points"] == len(keys) == len(set(keys)) < summary["indexed"]
+    assert summary["points"] == len(keys) == len(set(keys)) == summary["indexed"]
 
 
 @pytest.mark.parametrize("store_cfg", ["edge"], indirect=True)
 def test_sigkill_midway_then_resume(store_cfg, mini_shard, tiny_ckpt, tmp_path):
+    """SIGKILL once two of ten shards are recorded, while the fourth waits at its first byte
+    (a Gate: the build cannot finish before the kill); the rerun completes it exactly."""
     urls = split_shard(mini_shard, tmp_path / "parts", 10)
     records = Path(store_cfg.path) / store_cfg.collection / "docs" / "shards.json"
     env = dict(os.environ, PHISEARCH_NO_PROGRESS="1")
-    cmd = IDX + ["build", "--data", str(tmp_path / "parts" / "part-{000000..000009}.tar"),
-                 "--store", store_cfg.path, "--checkpoint", tiny_ckpt, "--draws", "20",
-                 "--batch-size", "2", "--workers", "0", "--device", "cpu"]
-    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE)
-    done_at_kill = 0
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if records.exists():
-            try:
-                done_at_kill = len(json.loads(records.read_text()))
-            except ValueError:
-                done_at_kill = 0
-            if done_at_kill >= 2:
-                proc.send_signal(signal.SIGKILL)
-                break
-        time.sleep(0.02)
-    proc.wait(timeout=30)
+    with Gate(tmp_path / "gate") as gate:
+        data = [*urls[:3], gate.url(urls[3]), *urls[4:]]
+        cmd = IDX + ["build", "--store", store_cfg.path, "--checkpoint", tiny_ckpt, "--draws",
+                     "20", "--batch-size", "2", "--workers", "0", "--device", "cpu"]
+        cmd += [x for url in data for x in ("--data", url)]
+        proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE)
+        done_at_kill = 0
+        if gate.wait(proc):
+            deadline = time.monotonic() + 120   # shards 0 and 1 recorded: a failure bound
+            while done_at_kill < 2 and time.monotonic() < deadline:
+                try:
+                    done_at_kill = len(json.loads(records.read_text()))
+                except (OSError, ValueError):
+                    pass
+                time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
     assert 2 <= done_at_kill < 10
-    out = subprocess.run(cmd + ["--json"], env=env, capture_output=True, text=True, timeout=300)
+    out = run_idx(*cmd[len(IDX):], "--json")   # the resume: in this process
     assert out.returncode == 0, out.stderr[-2000:]
     summary = json.loads(out.stdout)
     assert summary["shards_already_done"] >= done_at_kill
@@ -163,28 +169,25 @@ def test_sigkill_midway_then_resume(store_cfg, mini_shard, tiny_ckpt, tmp_path):
     with open_store(store_cfg) as st:
         keys = [h.payload["key"] for h in st.scroll()]
     assert len(keys) == len(set(keys)) == 100
-    assert urls  # the parts exist
 
 
 @pytest.mark.parametrize("store_cfg", ["edge"], indirect=True)
 def test_cli_build_status_query_json(store_cfg, mini_shard, tiny_ckpt, tmp_path):
-    env = dict(os.environ, PHISEARCH_NO_PROGRESS="1")
+    """In this process (conftest.run_idx); test_cli_core runs the console script itself."""
     base = ["--store", store_cfg.path]
-    r = subprocess.run(IDX + ["build", "--data", mini_shard, "--checkpoint", tiny_ckpt,
-                              "--draws", "2", "--json"] + base,
-                       env=env, capture_output=True, text=True, timeout=300)
+    r = run_idx("build", "--data", mini_shard, "--checkpoint", tiny_ckpt, "--draws", "2",
+                "--json", *base)
     assert r.returncode == 0, r.stderr
     b = json.loads(r.stdout)
     assert {"indexed", "skipped", "seconds", "img_per_s", "stages"} <= set(b)
-    r = subprocess.run(IDX + ["status", "--json"] + base, env=env, capture_output=True, text=True)
+    r = run_idx("status", "--json", *base)
     s = json.loads(r.stdout)
     for key in ("points", "shards_done", "shards_pending", "skipped", "model_sha256", "sigma",
                 "draws", "seed", "schema_version"):
         assert key in s
     assert s["points"] == 100 and isinstance(s["shards_done"], int)
     key = next(x["__key__"] for x in read_shard(mini_shard) if isinstance(x, dict))
-    r = subprocess.run(IDX + ["query", "--key", key, "-k", "5", "--label", "0", "--json"] + base,
-                       env=env, capture_output=True, text=True)
+    r = run_idx("query", "--key", key, "-k", "5", "--label", "0", "--json", *base)
     assert r.returncode == 0, r.stderr
     hits = json.loads(r.stdout)["hits"]
     assert len(hits) == 5 and all(h["label"] == 0 for h in hits)
@@ -192,18 +195,16 @@ def test_cli_build_status_query_json(store_cfg, mini_shard, tiny_ckpt, tmp_path)
     img = tmp_path / "q.jpg"
     raw = next(x for x in read_shard(mini_shard) if isinstance(x, dict))
     img.write_bytes(raw["jpg"])
-    r = subprocess.run(IDX + ["query", str(img), "-k", "3", "--json", "--explain"] + base,
-                       env=env, capture_output=True, text=True)
+    r = run_idx("query", str(img), "-k", "3", "--json", "--explain", *base)
     assert r.returncode == 0, r.stderr
     hits = json.loads(r.stdout)["hits"]
     assert hits[0]["key"] == raw["__key__"] and hits[0]["distance"] < 1e-3
     assert "drivers" in hits[0]["explain"]
     bad = tmp_path / "bad.jpg"
     bad.write_text("not an image")
-    r = subprocess.run(IDX + ["query", str(bad)] + base, env=env, capture_output=True, text=True)
+    r = run_idx("query", str(bad), *base)
     assert r.returncode == 1 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
-    r = subprocess.run(IDX + ["status", "--store", str(tmp_path / "empty")], env=env,
-                       capture_output=True, text=True)
+    r = run_idx("status", "--store", str(tmp_path / "empty"))
     assert r.returncode == 1 and "no collection" in r.stderr
 
 
@@ -221,8 +222,7 @@ def test_a_changed_shard_deletes_the_points_it_no_longer_holds(store_cfg, mini_s
     (tmp_path / "manifest.json").write_text(json.dumps({"name": "imagenette-64"}))
     write(raws)
     assert run_build(store_cfg, [str(shard)], tiny_ckpt)["points"] == 10
-    time.sleep(0.01)
-    write(raws[:7])                          # the shard changes: three samples are gone
+    write(raws[:7])                          # the shard changes (its size): three are gone
     out = run_build(store_cfg, [str(shard)], tiny_ckpt)
     assert out["shards_changed"] == 1 and out["points"] == 7
     with open_store(store_cfg) as st:
@@ -234,9 +234,7 @@ def test_a_changed_shard_deletes_the_points_it_no_longer_holds(store_cfg, mini_s
 
 @pytest.mark.parametrize("store_cfg", ["edge"], indirect=True)
 def test_build_at_another_sigma_refuses_the_default_whitening(store_cfg, mini_shard):
-    r = subprocess.run(IDX + ["build", "--data", mini_shard, "--store", store_cfg.path,
-                              "--sigma", "0"], env=dict(os.environ, PHISEARCH_NO_PROGRESS="1"),
-                       capture_output=True, text=True, timeout=300)
+    r = run_idx("build", "--data", mini_shard, "--store", store_cfg.path, "--sigma", "0")
     assert r.returncode == 1 and r.stderr.count("\n") == 1
     assert "fitted on φ at σ 0.2" in r.stderr and "idx fit-readout" in r.stderr
     assert not os.path.exists(os.path.join(store_cfg.path, "phisearch", "shard"))

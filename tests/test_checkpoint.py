@@ -102,6 +102,7 @@ def test_shipped_default_loads_with_no_arguments_and_records_its_numbers():
     assert dense.shape == (2, emb.meta()["dim"]) and mid.shape == (2, 256)
 
 
+@pytest.mark.slow   # PHISEARCH_SLOW=1 and CI run it
 def test_shipped_model_quality_recomputed_on_the_mini_shard(mini_shard):
     """Not read back from its JSON: on the 100 mini images the shipped denoiser beats the noisy
     input by > 6 dB at σ 0.1 and the best Gaussian blur at every σ, and its default readout

@@ -32,6 +32,13 @@ def ci_run_commands() -> list[str]:
     return [ln for ln in lines if ln and not ln.startswith(("set ", "cd ", "export "))]
 
 
+def ci_run_exports() -> dict[str, str]:
+    """The variables .ci/run exports (`export NAME=value`)."""
+    lines = [ln.split("#")[0].strip() for ln in (REPO / ".ci" / "run").read_text().splitlines()]
+    return dict(ln.removeprefix("export ").split("=", 1) for ln in lines
+                if ln.startswith("export "))
+
+
 def runs(job: dict) -> list[str]:
     return [s["run"].strip() for s in job["steps"] if "run" in s]
 
@@ -77,3 +84,10 @@ def test_both_jobs_run_what_ci_run_runs_ending_with_the_readme_test_command(work
         steps = [r for r in runs(job) if "QDRANT_URL" not in r]   # the server job's wait
         assert steps == ci_run_commands(), name
         assert steps[-1] == command, name
+
+
+def test_both_jobs_set_what_ci_run_exports_so_the_slow_tests_run_in_ci(workflow):
+    exports = ci_run_exports()
+    assert exports.get("PHISEARCH_SLOW") == "1"     # scripts/test.sh then runs `slow` too
+    for name, job in workflow["jobs"].items():
+        assert {k: str(v) for k, v in job["env"].items() if k in exports} == exports, name

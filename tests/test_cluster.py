@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import STORE_KINDS, drop, store_place
-from phisearch.indexer.ingest.pipeline import BuildConfig, build
 from phisearch.indexer.manage.cluster import (
     ClusterConfig,
     Preprocessor,
@@ -20,21 +19,15 @@ from phisearch.indexer.manage.cluster import (
     resolve_preprocess,
 )
 from phisearch.indexer.manage.export import ExportConfig, export
-from phisearch.indexer.model.config import PhiConfig
 from phisearch.indexer.store import StoreConfig, StoreError, open_store
 from typer.testing import CliRunner
 
 
 @pytest.fixture(scope="module")
-def built_store(tmp_path_factory, mini_shard, tiny_ckpt) -> Path:
-    """One build of the 100 mini images; each test clusters its own copy."""
-    root = tmp_path_factory.mktemp("cluster")
-    path = tiny_ckpt
-    cfg = StoreConfig(path=str(root / "store"), collection="phisearch")
-    build(BuildConfig(data=(mini_shard,), store=cfg, checkpoint=str(path),
-                      phi=PhiConfig(sigma=0.2, draws=1, seed=0), batch_size=50, workers=0,
-                      device="cpu"))
-    return root / "store"
+def built_store(mini_store) -> Path:
+    """One build of the 100 mini images (conftest.mini_store); each test clusters its own
+    copy."""
+    return mini_store
 
 
 @pytest.fixture(params=STORE_KINDS)

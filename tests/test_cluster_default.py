@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from phisearch.indexer.cli.status import clustering_line
 from phisearch.indexer.ingest.pipeline import BuildConfig, build
 from phisearch.indexer.ingest.summary import status
-from phisearch.indexer.cli.status import clustering_line
 from phisearch.indexer.manage.cluster import ClusterConfig, auto_min_size, cluster
 from phisearch.indexer.model.config import PhiConfig
 from phisearch.indexer.store import StoreConfig, open_store

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
+from fixtures import Gate, sample_offset
 from phisearch.indexer.ingest.distributed import build_distributed
 from phisearch.indexer.ingest.pipeline import BuildConfig, build
 from phisearch.indexer.model.config import PhiConfig
@@ -53,6 +54,7 @@ def snapshot(cfg: StoreConfig) -> tuple[dict, dict]:
         return points, st.get_doc(SHARDS_DOC)
 
 
+@pytest.mark.slow   # PHISEARCH_SLOW=1 and CI run it
 def test_two_ranks_build_the_same_index_as_one_process(setup, tmp_path):
     args = ["--data", setup["data"], "--checkpoint", setup["ckpt"], "--draws", "2",
             "--batch-size", "16", "--workers", "0", "--device", "cpu", "--json"]
@@ -128,36 +130,43 @@ def test_distributed_flag_without_a_launcher_is_a_one_line_error(setup, tmp_path
     assert r.returncode == 1 and "torchrun" in r.stderr and r.stderr.count("\n") == 1
 
 
+@pytest.mark.slow   # PHISEARCH_SLOW=1 and CI run it
 def test_killed_distributed_build_resumes_to_the_exact_set(setup, tmp_path):
-    """SIGKILL every rank once a shard is recorded; the rerun finishes the rest, no duplicates."""
+    """SIGKILL every rank once a shard is recorded, while rank 0's second shard (part 2) waits
+    halfway (a Gate: the build cannot finish first); the rerun finishes the rest, no
+    duplicates."""
     store = StoreConfig(path=str(tmp_path / "s"))
     records = Path(store.path) / store.collection / "docs" / "shards.json"
-    args = ["--data", setup["data"], "--checkpoint", setup["ckpt"], "--draws", "16",
-            "--batch-size", "2", "--workers", "0", "--device", "cpu", "--store", store.path]
+    shards = [str(setup["root"] / "shards" / f"part-{i:06d}.tar") for i in range(3)]
     env = dict(os.environ, PHISEARCH_NO_PROGRESS="1", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(TORCHRUN + ["2", "-m", "phisearch.ui", "build"] + args, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)   # its own group: the kill reaches every rank
-    done_at_kill, deadline = 0, time.time() + 90
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            done_at_kill = len(json.loads(records.read_text()))
-        except (OSError, ValueError):
-            done_at_kill = 0
-        if done_at_kill >= 1:
-            os.killpg(proc.pid, signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    proc.wait(timeout=30)
+    with Gate(tmp_path / "gate") as gate:
+        data = [*shards[:2], gate.url(shards[2], sample_offset(shards[2], SIZES[2] // 2))]
+        args = [x for url in data for x in ("--data", url)]
+        args += ["--checkpoint", setup["ckpt"], "--draws", "16", "--batch-size", "2",
+                 "--workers", "0", "--device", "cpu", "--store", store.path]
+        proc = subprocess.Popen(TORCHRUN + ["2", "-m", "phisearch.ui", "build"] + args, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                start_new_session=True)   # its own group: the kill reaches all
+        done_at_kill = 0
+        if gate.wait(proc):
+            deadline = time.monotonic() + 120   # a failure bound
+            while done_at_kill < 1 and time.monotonic() < deadline:
+                try:
+                    done_at_kill = len(json.loads(records.read_text()))
+                except (OSError, ValueError):
+                    pass
+                time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
     assert 1 <= done_at_kill < 3
     r = torchrun(2, args + ["--json"])
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads(r.stdout)
     assert summary["shards_already_done"] >= done_at_kill and summary["points"] == 100
-    points, shards = snapshot(store)
-    assert len(points) == 100 and len(shards) == 3
-    assert sum(rec["indexed"] for rec in shards.values()) == 100
+    points, shards_doc = snapshot(store)
+    assert len(points) == 100 and len(shards_doc) == 3
+    assert sum(rec["indexed"] for rec in shards_doc.values()) == 100
 
 
 def test_folders_are_refused_before_any_rank_starts(setup, tmp_path, monkeypatch):

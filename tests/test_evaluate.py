@@ -5,22 +5,19 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import run_idx
 from phisearch.indexer.model import checkpoint as ckpt
 from phisearch.indexer.model.readout import Readout, Whitening
 from phisearch.search import eval_report
 from phisearch.search import evaluate as ev
 from phisearch.search import metrics as mt
 
-IDX = [sys.executable, "-m", "phisearch.ui"]
 BASELINES = ("phi", "pixels", "pixels16", "random_init", "phi_mid_raw", "random_init_mid_raw",
              "phi_sigma0")
 
@@ -217,13 +214,10 @@ def test_evaluate_uses_a_stored_whitening(tiny_ckpt: Path, mini_shard: str, tmp_
 
 def test_cli_eval_json(tiny_ckpt: Path, mini_shard: str, tmp_path: Path) -> None:
     out, md = tmp_path / "eval.json", tmp_path / "eval.md"
-    env = dict(os.environ, PHISEARCH_NO_PROGRESS="1")
-    cmd = IDX + ["eval", "--queries", mini_shard,
-           "--gallery", mini_shard, "--checkpoint", str(tiny_ckpt), "--limit-queries", "30",
-           "--limit-gallery", "40", "--sigmas", "0.4", "--draws", "1", "--readouts",
-           "mid,blocks+white64", "--device", "cpu", "--json", "--out", str(out),
-           "--markdown", str(md)]
-    p = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120, env=env)
+    p = run_idx("eval", "--queries", mini_shard, "--gallery", mini_shard, "--checkpoint",
+                str(tiny_ckpt), "--limit-queries", "30", "--limit-gallery", "40", "--sigmas",
+                "0.4", "--draws", "1", "--readouts", "mid,blocks+white64", "--device", "cpu",
+                "--json", "--out", str(out), "--markdown", str(md))   # in this process
     assert p.returncode == 0, p.stderr
     lines = p.stdout.strip().splitlines()
     assert len(lines) == 1
@@ -257,9 +251,8 @@ def test_bad_readout_labels(label: str) -> None:
 
 
 def test_cli_eval_bad_sigmas(tiny_ckpt: Path, mini_shard: str) -> None:
-    p = subprocess.run(IDX + ["eval", "--queries", mini_shard,
-                        "--gallery", mini_shard, "--checkpoint", str(tiny_ckpt), "--sigmas",
-                        "abc"], check=False, capture_output=True, text=True, timeout=60)
+    p = run_idx("eval", "--queries", mini_shard, "--gallery", mini_shard, "--checkpoint",
+                str(tiny_ckpt), "--sigmas", "abc")
     assert p.returncode == 2
 
 
@@ -280,10 +273,8 @@ def test_fit_readout_stores_several_whitenings_from_one_pass(tiny_ckpt: Path, mi
     shutil.copy(tiny_ckpt, path)
     shutil.copy(Path(tiny_ckpt).with_suffix(".json"), path.with_suffix(".json"))
     before = ckpt.load(str(path)).sha256
-    p = subprocess.run(IDX + ["fit-readout", "--checkpoint", str(path), "--data", mini_shard,
-                              "--dims", "8", "--dims", "4", "--l2", "--draws", "1",
-                              "--limit", "60"], check=False, capture_output=True, text=True,
-                       timeout=120)
+    p = run_idx("fit-readout", "--checkpoint", str(path), "--data", mini_shard, "--dims", "8",
+                "--dims", "4", "--l2", "--draws", "1", "--limit", "60")
     assert p.returncode == 0, p.stderr
     c = ckpt.load(str(path))
     assert c.sha256 == before                                   # the weights are untouched
@@ -307,9 +298,8 @@ def test_sqrt_readout_round_trip_through_fit_readout(tiny_ckpt: Path, mini_shard
     path = tmp_path / "fit.safetensors"
     shutil.copy(tiny_ckpt, path)
     shutil.copy(Path(tiny_ckpt).with_suffix(".json"), path.with_suffix(".json"))
-    p = subprocess.run(IDX + ["fit-readout", "--checkpoint", str(path), "--data", mini_shard,
-                              "--dims", "6", "--sqrt", "--l2", "--draws", "1", "--limit", "50"],
-                       check=False, capture_output=True, text=True, timeout=120)
+    p = run_idx("fit-readout", "--checkpoint", str(path), "--data", mini_shard, "--dims", "6",
+                "--sqrt", "--l2", "--draws", "1", "--limit", "50")
     assert p.returncode == 0, p.stderr
     c = ckpt.load(str(path))
     assert c.info["readout"] == "blocks+sqrt+white6+l2"

@@ -5,15 +5,13 @@ after an interruption, refusing other models."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
+import shutil
 import uuid
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from conftest import SERVER_KINDS, drop, store_place
+from conftest import SERVER_KINDS, drop, run_idx, store_place
 from phisearch.indexer.ingest.pipeline import BuildConfig, build
 from phisearch.indexer.manage import cluster as cluster_mod
 from phisearch.indexer.manage.export import EXPORT_DOC, SIDE_DOCS, ExportConfig, export, meta_sha256
@@ -21,18 +19,14 @@ from phisearch.indexer.model import checkpoint as ckpt
 from phisearch.indexer.model.config import PhiConfig
 from phisearch.indexer.store import MetaMismatch, StoreConfig, StoreError, open_store
 
-IDX = [sys.executable, "-m", "phisearch.ui"]
-
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory, mini_shard, tiny_ckpt) -> StoreConfig:
-    """A real Edge collection: the mini shard (100 points) built and k-means clustered."""
+def source(tmp_path_factory, mini_store) -> StoreConfig:
+    """A real Edge collection: the mini shard (100 points; a copy of conftest.mini_store),
+    k-means clustered."""
     root = tmp_path_factory.mktemp("src")
-    path = tiny_ckpt
+    shutil.copytree(mini_store, root / "store")
     cfg = StoreConfig(path=str(root / "store"), collection="phisearch")
-    build(BuildConfig(data=(mini_shard,), store=cfg, checkpoint=str(path),
-                      phi=PhiConfig(sigma=0.2, draws=2, seed=0), batch_size=50, workers=0,
-                      device="cpu"))
     cluster_mod.cluster(cfg, cluster_mod.ClusterConfig(method="kmeans", k=4))
     return cfg
 
@@ -127,22 +121,17 @@ def test_refuses_a_destination_built_with_another_model(source, tmp_path, mini_s
 
 
 def test_cli_export_json_and_errors(source, tmp_path):
-    env = dict(os.environ, PHISEARCH_NO_PROGRESS="1")
-    base = IDX + ["export", "--store", source.path, "--to-store", str(tmp_path / "d")]
-    r = subprocess.run(base + ["--limit", "30", "--json"], env=env, capture_output=True,
-                       text=True, timeout=120)
+    base = ["export", "--store", source.path, "--to-store", str(tmp_path / "d")]
+    r = run_idx(*base, "--limit", "30", "--json")     # in this process (conftest.run_idx)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert {"exported", "skipped_existing", "seconds", "points"} <= set(out)
     assert out["exported"] == 30 and out["points"] == 30
-    r = subprocess.run(base + ["--json"], env=env, capture_output=True, text=True, timeout=120)
-    out = json.loads(r.stdout)
+    out = json.loads(run_idx(*base, "--json").stdout)
     assert (out["exported"], out["skipped_existing"], out["points"]) == (70, 30, 100)
-    r = subprocess.run(IDX + ["export", "--store", source.path], env=env, capture_output=True,
-                       text=True)
+    r = run_idx("export", "--store", source.path)
     assert r.returncode == 2 and "--to-url" in r.stderr
-    r = subprocess.run(IDX + ["export", "--store", str(tmp_path / "empty"), "--to-store",
-                              str(tmp_path / "d2")], env=env, capture_output=True, text=True)
+    r = run_idx("export", "--store", str(tmp_path / "empty"), "--to-store", str(tmp_path / "d2"))
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "nothing to export" in r.stderr
 
 

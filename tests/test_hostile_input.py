@@ -10,28 +10,24 @@ import http.server
 import json
 import os
 import shutil
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import webdataset as wds
+from conftest import Ran, run_idx
 from phisearch.indexer.model import checkpoint as ckpt
 from phisearch.indexer.sources.shards import read_shard
 from phisearch.indexer.store import LAST_RUN_DOC, SHARDS_DOC, StoreConfig, open_store
 
-IDX = [sys.executable, "-m", "phisearch.ui"]
-ENV = dict(os.environ, PHISEARCH_NO_PROGRESS="1")
+
+def idx(*args: str, cwd: str | None = None) -> Ran:
+    """`idx ARGS` in this process (conftest.run_idx): exit code, stdout, stderr as the console
+    script gives them (test_cli_core runs the real one)."""
+    return run_idx(*args, cwd=cwd)
 
 
-def idx(*args: str, cwd: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(IDX + list(args), env=ENV, capture_output=True, text=True,
-                          timeout=300, cwd=cwd)
-
-
-def build(store: Path, ckpt_path: str, *data: str, cwd: str | None = None
-          ) -> subprocess.CompletedProcess:
+def build(store: Path, ckpt_path: str, *data: str, cwd: str | None = None) -> Ran:
     args = ["build", "--store", str(store), "--checkpoint", ckpt_path, "--draws", "1",
             "--json", "--device", "cpu"]
     for d in data:
@@ -39,7 +35,7 @@ def build(store: Path, ckpt_path: str, *data: str, cwd: str | None = None
     return idx(*args, cwd=cwd)
 
 
-def error_lines(r: subprocess.CompletedProcess) -> list[str]:
+def error_lines(r: Ran) -> list[str]:
     """stderr without log lines (WARNING/INFO) and progress."""
     return [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
 

@@ -7,7 +7,6 @@ import io
 import subprocess
 import sys
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -58,24 +57,34 @@ def test_large_decodes_run_at_most_two_at_a_time(monkeypatch):
     Image.fromarray(rgb).save(buf, format="PNG", compress_level=1)
     data = buf.getvalue()
     inside, most = [0], [0]
-    lock = threading.Lock()
+    cond = threading.Condition()
+    go = threading.Event()
     real = images._load_and_fit
 
     def counting(img, size):
-        with lock:
+        with cond:
             inside[0] += 1
             most[0] = max(most[0], inside[0])
-        time.sleep(0.2)
+            cond.notify_all()
+        go.wait(120)      # the first in stay until the test has seen both slots taken
         try:
             return real(img, size)
         finally:
-            with lock:
+            with cond:
                 inside[0] -= 1
 
     monkeypatch.setattr(images, "_load_and_fit", counting)
     threads = [threading.Thread(target=images.decode, args=(data,)) for _ in range(6)]
     for t in threads:
         t.start()
+    with cond:   # two inside, and held there: the other four wait for a slot (120 s: a failure)
+        assert cond.wait_for(lambda: inside[0] == 2, timeout=120), inside
+    third = images.LARGE_DECODES.acquire(blocking=False)
+    if third:
+        images.LARGE_DECODES.release()
+    held = inside[0]
+    go.set()
+    assert not third and held == 2   # both slots taken, no one else inside
     for t in threads:
         t.join()
     assert most[0] == 2

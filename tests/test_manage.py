@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_idx
 from phisearch.indexer.ingest.pipeline import BuildConfig, build
 from phisearch.indexer.manage.aliases import list_aliases, overview, set_alias
 from phisearch.indexer.manage.remove import remove, selection
@@ -20,7 +21,6 @@ from phisearch.indexer.manage.snapshots import create, list_snapshots, restore
 from phisearch.indexer.model.config import PhiConfig
 from phisearch.indexer.store import SHARDS_DOC, StoreBusy, StoreConfig, StoreError, open_store
 
-IDX = [sys.executable, "-m", "phisearch.ui"]
 ENV = dict(os.environ, PHISEARCH_NO_PROGRESS="1", OMP_NUM_THREADS="1")
 
 
@@ -129,8 +129,8 @@ def test_alias_switch_while_another_process_queries(store_root):
     script = textwrap.dedent(f"""
         import json, time
         from phisearch.indexer.store import StoreConfig, open_store
-        cfg = StoreConfig(path={str(store_root)!r}, collection="live", busy_wait=5)
-        t_end = time.time() + 60
+        cfg = StoreConfig(path={str(store_root)!r}, collection="live", busy_wait=60)
+        t_end = time.time() + 300   # a failure bound: it stops when it sees the switch
         with open({str(log)!r}, "w") as f:
             while time.time() < t_end:
                 with open_store(cfg) as st:
@@ -145,7 +145,7 @@ def test_alias_switch_while_another_process_queries(store_root):
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], env=ENV)
     try:
-        deadline = time.time() + 30
+        deadline = time.time() + 120   # a failure bound
         while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 3):
             time.sleep(0.1)
         assert set_alias(StoreConfig(path=str(store_root)), "live", "b") == "a"
@@ -166,9 +166,7 @@ def test_alias_switch_while_another_process_queries(store_root):
 def test_cli_remove_snapshot_alias_and_exit_codes(store_root):
     store = ["--store", str(store_root)]
 
-    def idx(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([*IDX, *args], capture_output=True, text=True, env=ENV,
-                              timeout=120, stdin=subprocess.DEVNULL)
+    idx = run_idx    # in this process; stdin is not a terminal here either
 
     r = idx("remove", "--label", "3", *store)
     assert r.returncode == 2 and "Traceback" not in r.stderr          # usage error

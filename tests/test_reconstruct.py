@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 from phisearch.indexer.model import checkpoint as ckpt
-from phisearch.indexer.model.config import PhiConfig
 from phisearch.indexer.model.phi import as_uint8, phi
 from phisearch.indexer.sources import images
 from phisearch.indexer.sources.shards import read_shard
@@ -208,16 +207,15 @@ def test_cli_bad_input_is_one_line(tmp_path, tiny_path, monkeypatch, capsys):
             assert len(err.strip().splitlines()) == 1
 
 
-def test_cli_stored_point_and_cluster(tmp_path, mini_shard, tiny_path, monkeypatch):
-    from phisearch.indexer.ingest.pipeline import BuildConfig, build
+def test_cli_stored_point_and_cluster(tmp_path, mini_shard, mini_store, monkeypatch):
+    import shutil
+
     from phisearch.indexer.store import StoreConfig, open_store
     from phisearch.ui.cli import app
     from typer.testing import CliRunner
 
     cfg = StoreConfig(path=str(tmp_path / "store"), collection="phisearch")
-    build(BuildConfig(data=(mini_shard,), store=cfg, checkpoint=tiny_path,
-                      phi=PhiConfig(sigma=0.2, draws=2, seed=0), batch_size=50, workers=0,
-                      device="cpu"))
+    shutil.copytree(mini_store, cfg.path)     # σ 0.2, 2 draws, the tiny untrained network
     monkeypatch.setenv("PHISEARCH_NO_PROGRESS", "1")
     runner = CliRunner()
     base = ["--store", cfg.path, "--levels", "2", "--steps", "2", "-n", "2", "--json"]

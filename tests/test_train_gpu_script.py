@@ -17,6 +17,7 @@ from phisearch.indexer.model.parts import join, split
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow   # PHISEARCH_SLOW=1 and CI run it
 def test_gpu_script_runs_on_the_cpu_and_its_parts_join_back(tmp_path, data_dir):
     out, run = tmp_path / "out", tmp_path / "run"
     env = dict(os.environ, PRESET="tiny", STEPS="3", DEVICE="cpu", BATCH="8", OUT=str(out),

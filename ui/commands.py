@@ -13,6 +13,7 @@ from phisearch.indexer.cli.common import (
     CollectionOpt,
     StoreOpt,
     UrlOpt,
+    check_device,
     default_store,
     store_config,
     warn_if_missing,
@@ -31,7 +32,8 @@ def ui(
         "--address", help="Interface to listen on (127.0.0.1: this machine only).")
     ] = "127.0.0.1",
     device: Annotated[str, typer.Option(
-        "--device", help="cpu | cuda | auto, for uploads' φ and reconstruction.")] = "cpu",
+        "--device", callback=check_device,
+        help="cpu | cuda | auto, for uploads' φ and reconstruction.")] = "cpu",
     hold: Annotated[float, typer.Option(
         "--hold", min=0, help="Edge: idle seconds the UI keeps the store open at most "
         "(default: until another process such as idx build asks for it; 0: after every "

@@ -10,6 +10,9 @@ started meanwhile get the store within a second. While another process holds it,
 opening waits 1 s and raises StoreBusy, and `guard()` shows "the index is being built or used by
 another process; retry" with the StoreBusy text and a Retry button, never a traceback.
 A Qdrant server has no such limit: its handle is kept for the life of the process.
+When the collection is an alias, every use looks up its target (holder.py), so `idx alias set`
+moves the running UI to the new collection at its next page run (the catalog cache is keyed on
+the collection actually read, the model cache on the collection's whole identity).
 """
 
 from __future__ import annotations
@@ -118,30 +121,42 @@ def meta_or_stop(store: Store) -> dict:
 
 
 def data_version(store: Store) -> tuple:
-    """Changes whenever the points or their cluster labels may have changed (cache keys)."""
+    """Changes whenever the points or their cluster labels may have changed, or the alias the
+    UI reads now names another collection (cache keys)."""
     last = store.get_doc("last_run") or {}
     clusters = store.get_doc("clusters") or {}
-    return (store.count(), last.get("finished_at"), last.get("running_since"),
+    return (store.name, store.count(), last.get("finished_at"), last.get("running_since"),
             clusters.get("created_at"))
 
 
 # ----------------------------------------------------------------------------- the model
 
 
-_IDENTITY = ("model_sha256", "checkpoint", "readout", "sigma", "draws", "seed")
+@st.cache_resource(show_spinner="Loading the model...", max_entries=4)
+def _embedder(meta_json: str, device: str, stamp: str):
+    """Keyed on the collection's meta, the device and the checkpoint file's stamp (a file
+    refitted in place is read again); a failure is not cached."""
+    from phisearch.search.query import embedder_for
 
-
-@st.cache_resource(show_spinner="Loading the model...")
-def _embedder(identity: str, device: str):
-    from phisearch.indexer.model.embedder import Embedder
-
-    return Embedder.from_meta(json.loads(identity), device)
+    return embedder_for(json.loads(meta_json), device, settings().where)
 
 
 def embedder(meta: dict):
-    """The collection's model and φ settings, loaded once per server process."""
-    ident = json.dumps({k: meta.get(k) for k in _IDENTITY}, sort_keys=True)
-    return _embedder(ident, settings().device)
+    """The collection's model and φ settings, loaded once per server process and checked to
+    make the collection's vectors (query.embedder_for: the whole identity, the readout's
+    whitening included). One that cannot, or cannot load, ends the page with one line."""
+    from phisearch.indexer.model.embedder import checkpoint_stamp
+
+    try:
+        try:
+            stamp = json.dumps(checkpoint_stamp(meta.get("checkpoint")))
+        except OSError as e:
+            stamp = str(e)
+        return _embedder(json.dumps(meta, sort_keys=True, default=str), settings().device,
+                         stamp)
+    except (StoreError, ValueError, OSError) as e:   # MetaMismatch is a StoreError
+        st.error(f"The collection's model cannot be used: {' '.join(str(e).split())}")
+        st.stop()
 
 
 @st.cache_resource(show_spinner=False)

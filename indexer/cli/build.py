@@ -49,7 +49,8 @@ def build(
         "shards to index) and change nothing.")] = False,
     watch: Annotated[bool, typer.Option(
         "--watch", help="After the sync, keep watching the folders and sync what changes, one "
-        "line (with --json, one JSON object) per sync; Ctrl-C stops after the current batch.")
+        "line per sync (with --json, one JSON object per line: JSON Lines, not one object); "
+        "Ctrl-C stops after the current batch.")
     ] = False,
     device: DeviceOpt = "auto",
     distributed: Annotated[bool | None, typer.Option(
@@ -168,11 +169,29 @@ def _print_build(summary: dict) -> None:
     if summary.get("folders"):
         typer.echo(f"folder files: {summary['new']} new, {summary['changed']} changed, "
                    f"{summary['deleted']} deleted, {summary['unchanged']} unchanged", err=True)
+    kept = sum(f.get("kept", 0) for f in (summary.get("folders") or {}).values())
+    for line in unavailable_lines(summary.get("unavailable") or [], kept):
+        typer.echo(line, err=True)
     if summary["skipped"]:
         typer.echo("skipped: " + ", ".join(f"{k} {v}" for k, v in summary["skipped"].items()),
                    err=True)
         for s in summary["skipped_samples"][:20]:
             typer.echo(f"  {s['shard']} {s['key'] or '-'}: {s['reason']} {s['detail']}", err=True)
+
+
+def unavailable_lines(away: list[dict], kept: int | None = None) -> list[str]:
+    """Folder paths that could not be read (the first listed): their points were kept, not
+    deleted. `kept`: the total, when more paths were found than listed."""
+    if not away:
+        return []
+    kept = sum(a["kept"] for a in away) if kept is None else kept
+    lines = [(f"kept {kept} points under paths that could not be read (not deleted; synced "
+              "again once readable):")]
+    lines += [f"  {a['reason']}: {a['path']}: {a['detail']} ({a['kept']} points kept)"
+              for a in away[:20]]
+    if len(away) > 20:
+        lines.append(f"  and {len(away) - 20} more (--json lists them)")
+    return lines
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -197,9 +216,13 @@ def _print_sync(s: dict, json_out: bool) -> None:
         emit_json({k: v for k, v in s.items() if k != "skipped_samples"})
         return
     skipped = ", ".join(f"{k} {v}" for k, v in s["skipped"].items()) or "0"
+    away = s.get("unavailable") or []
+    kept = (f"; kept {sum(a['kept'] for a in away)} points of unreadable paths: "
+            + ", ".join(f"{a['path']} ({a['reason']})" for a in away[:5])) if away else ""
     typer.echo(f"{time.strftime('%H:%M:%S')} sync: {s['new']} new, {s['changed']} changed, "
                f"{s['deleted']} deleted, {s['unchanged']} unchanged; indexed {s['indexed']}, "
-               f"skipped {skipped} in {s['seconds']:.1f} s; {s['points']} points", err=True)
+               f"skipped {skipped} in {s['seconds']:.1f} s; {s['points']} points{kept}",
+               err=True)
 
 
 def _print_dry_run(s: dict, json_out: bool) -> None:
@@ -213,6 +236,8 @@ def _print_dry_run(s: dict, json_out: bool) -> None:
     for root, f in s["folders"].items():
         typer.echo(f"  {root} ({f['dataset']}): {f['new']} new, {f['changed']} changed, "
                    f"{f['deleted']} deleted, {f['unchanged']} unchanged")
+        for line in unavailable_lines(f.get("unavailable") or []):
+            typer.echo("  " + line)
 
 
 def register(app: typer.Typer) -> None:

@@ -24,13 +24,20 @@ class UsageError(UserError):
     printed as one line, exit 2, as Typer's own usage errors."""
 
 
-DEVICES = ("auto", "cpu", "cuda")
+def check_device(ctx: typer.Context, name: str) -> str:
+    """--device callback: a usage error (exit 2, one line) before anything is loaded, for a
+    name that is no device and, when the command is about to run, for cuda where torch sees
+    none (embedder.device_problem: the check and words pick_device uses). A command line that is
+    only parsed (tests/test_deploy.py parses the compose file's `--device cuda` on hosts without
+    a GPU) is not checked for CUDA: the group has then invoked no subcommand."""
+    if name in ("auto", "cpu"):
+        return name
+    from phisearch.indexer.model.embedder import device_problem
 
-
-def check_device(name: str) -> str:
-    """--device callback: a usage error (exit 2) before anything is loaded."""
-    if name not in DEVICES:
-        raise typer.BadParameter(f'unknown device "{name}"; use {", ".join(DEVICES)}')
+    running = ctx.parent is not None and ctx.parent.invoked_subcommand is not None
+    problem = device_problem(name, here=running)
+    if problem:
+        raise typer.BadParameter(problem)
     return name
 
 

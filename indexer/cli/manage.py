@@ -255,8 +255,9 @@ def cluster(
 ) -> None:
     """Cluster the stored φ vectors and write cluster_id / cluster_prob to every point (re-running
     replaces them); the summary (centroids, exemplars, channels) goes to the collection's docs.
-    Default: HDBSCAN (eom) in a 10-d UMAP projection, which on the imagenette index labels
-    57% of the points in 38 clusters (docs/results.md); k-means labels them all.
+    Default: HDBSCAN (eom) in a 10-d UMAP projection, which finds the number of clusters
+    itself and leaves points in no dense region as noise (cluster_id -1; measured on the
+    imagenette index: docs/results.md); k-means labels them all.
 
     \b
     Example: idx cluster --method kmeans --k 50 --json

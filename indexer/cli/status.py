@@ -64,7 +64,7 @@ def status_lines(st: dict, place: str) -> list[str]:
         f"points: {st['points']}",
         (f"model {st['model_sha256'][:12]} ({os.path.basename(str(ckpt)) or ckpt}), readout "
          f"{st['readout']}, sigma {st['sigma']}, draws {st['draws']}, seed {st['seed']}, "
-         f"schema v{st['schema_version']}"),
+         f"schema v{st['schema_version']}, built on {st.get('device') or 'unrecorded device'}"),
         f"shards: {st['shards_done']} done, {st['shards_pending']} pending",
     ]
     lines += _pending_lines(st)
@@ -75,6 +75,7 @@ def status_lines(st: dict, place: str) -> list[str]:
                       if f.get("synced_at") else "never fully synced (rerun idx build)")
             lines.append(f"  {root} (dataset {f.get('dataset')}): {f.get('files', 0)} files "
                          f"indexed, {skip_words(f.get('skipped') or {})}; synced {synced}")
+            lines += [f"    {line}" for line in _away_lines(f.get("unavailable") or [])]
     lines.append(f"skipped, all sources: {skip_words(st['skipped'])}")
     lines.append(clustering_line(st.get("clustering")))
     if st.get("last_run"):
@@ -88,6 +89,17 @@ def status_lines(st: dict, place: str) -> list[str]:
                          f"({os.path.basename(str(c['checkpoint']))}), readout {c['readout']}, "
                          f"sigma {c['sigma']}, draws {c['draws']}{alias}")
     return lines
+
+
+def _away_lines(away: list[dict]) -> list[str]:
+    """A folder's paths the last sync could not read: their points are kept, never deleted."""
+    out = []
+    for a in away:
+        since = time.strftime("%Y-%m-%d %H:%M", time.localtime(a["since"])) \
+            if a.get("since") else "?"
+        out.append(f"{a['reason'].upper()} since {since}: {a['path']} ({a['detail']}): "
+                   f"{a['kept']} points kept, not deleted; synced again once readable")
+    return out
 
 
 def _pending_lines(st: dict) -> list[str]:

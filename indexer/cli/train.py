@@ -70,20 +70,11 @@ def train(
     \b
     Example: idx train --data 'imagenette-train-{000000..000009}.tar' --out runs/s64 --minutes 45
     """
-    from phisearch.indexer.train.loop import SIGMA_DISTS, TrainConfig
-    from phisearch.indexer.train.schedule import LrSchedule
+    from phisearch.indexer.train.loop import TrainConfig
     from phisearch.indexer.train.loop import train as run
 
-    if minutes is None and steps is None:
-        raise typer.BadParameter("give --minutes or --steps", param_hint="--minutes")
-    if sigma_dist not in SIGMA_DISTS:
-        raise typer.BadParameter(f"choose from {', '.join(SIGMA_DISTS)}", param_hint="--sigma-dist")
-    if resolution not in (16, 32, 64):
-        raise typer.BadParameter("choose 64, 32 or 16", param_hint="--resolution")
-    try:
-        LrSchedule(lr_schedule, lr, warmup_steps, schedule_steps)
-    except ValueError as e:
-        raise typer.BadParameter(str(e), param_hint="--lr-schedule") from None
+    _check_recipe(minutes, steps, sigma_dist, resolution, lr_schedule, lr, warmup_steps,
+                  schedule_steps)
     cfg = TrainConfig(data=tuple(data), out=out, preset=preset, batch_size=batch_size, lr=lr,
                       halve_every_epochs=halve_every, max_steps=steps, minutes=minutes,
                       workers=workers, seed=seed, test_data=tuple(test_data or ()),
@@ -105,6 +96,24 @@ def train(
     finally:
         bar.close()
     typer.echo(f"checkpoint: {path}", err=True)
+
+
+def _check_recipe(minutes: float | None, steps: int | None, sigma_dist: str, resolution: int,
+                  lr_schedule: str, lr: float, warmup_steps: int,
+                  schedule_steps: int | None) -> None:
+    """Usage errors of `idx train` before anything loads (exit 2, the option named)."""
+    from phisearch.indexer.train.schedule import SIGMA_DISTS, LrSchedule
+
+    if minutes is None and steps is None:
+        raise typer.BadParameter("give --minutes or --steps", param_hint="--minutes")
+    if sigma_dist not in SIGMA_DISTS:
+        raise typer.BadParameter(f"choose from {', '.join(SIGMA_DISTS)}", param_hint="--sigma-dist")
+    if resolution not in (16, 32, 64):
+        raise typer.BadParameter("choose 64, 32 or 16", param_hint="--resolution")
+    try:
+        LrSchedule(lr_schedule, lr, warmup_steps, schedule_steps)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--lr-schedule") from None
 
 
 def denoise_eval(

@@ -100,7 +100,7 @@ def _run(cfg: BuildConfig, on_progress: Callable[[dict], None] | None, device: s
             store = open_store(cfg.store)
             store.ensure(meta)
             run = prepare_run(store, urls, cfg.dataset, world_size=world)
-            writer = Writer(store, run.records, run.stale)
+            writer = Writer(store, run.records, run.stale, fingerprints=run.fingerprints)
             writer.start()
             setup = [{"todo": run.todo}]
         except Exception as e:

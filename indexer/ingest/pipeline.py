@@ -16,19 +16,19 @@ import logging
 import os
 import threading
 import time
-from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 import numpy as np
+from phisearch.indexer.ingest.folder_pass import FolderPass
 from phisearch.indexer.ingest.resume import ShardTally, prepare_run
-from phisearch.indexer.ingest.summary import FILE_COUNTS, RunStats, finish_summary
-from phisearch.indexer.ingest.writer import FolderUpdate, Writer
+from phisearch.indexer.ingest.summary import RunStats, finish_summary
+from phisearch.indexer.ingest.writer import Writer
 from phisearch.indexer.model.config import PhiConfig
 from phisearch.indexer.model.embedder import Embedder, sparse_of
-from phisearch.indexer.sources.folders import FOLDERS_DOC, FolderSource, doc_name, resolve_root
+from phisearch.indexer.sources.folders import FOLDERS_DOC, resolve_root
 from phisearch.indexer.sources.loader import loader
-from phisearch.indexer.sources.records import Batch, Sample
+from phisearch.indexer.sources.records import Batch, Sample, Skip
 from phisearch.indexer.sources.shards import expand, is_shard_folder
 from phisearch.indexer.store import (
     SCHEMA_VERSION,
@@ -57,8 +57,10 @@ class BuildConfig:
 
 
 def collection_meta(emb: Embedder) -> dict:
-    """What a collection records about how it is built (its identity: store.IDENTITY_KEYS)."""
-    return dict(emb.meta(), schema_version=SCHEMA_VERSION)
+    """What a collection records about how it is built (its identity: store.IDENTITY_KEYS),
+    and the device that made its vectors (shown by idx status; not identity: φ's numerics are
+    the same on a GPU and a CPU, phi.DEVICE_RTOL)."""
+    return dict(emb.meta(), schema_version=SCHEMA_VERSION, device=emb.device.type)
 
 
 def thumbnail(image: np.ndarray, quality: int = 90) -> str:
@@ -102,8 +104,8 @@ def embed_batch(emb: Embedder, batch: Batch, meta: dict, stats: RunStats) -> lis
 def count_shard_points(batch: Batch, points: list[PointData], tally: ShardTally,
                        stats: RunStats, shards_only: bool = True) -> list[PointData]:
     """Count each shard sample's point in its shard's tally; drop a key seen twice in one shard
-    (logged and counted as a `duplicate_key` skip). Folder samples pass through unless
-    shards_only is False."""
+    (a `duplicate_key` skip; the same key in two shards is caught by the writer). Folder
+    samples pass through unless shards_only is False."""
     kept = []
     for s, p in zip(batch.samples, points):
         if s.fp is not None and shards_only:   # a folder's file: counted by its folder
@@ -111,24 +113,31 @@ def count_shard_points(batch: Batch, points: list[PointData], tally: ShardTally,
             continue
         if tally.add(s.shard, p.id):
             kept.append(p)
-        else:
-            stats.skips.counts["duplicate_key"] += 1
-            log.warning("skipped %s %s: duplicate_key (the first is kept)", s.shard, s.key)
+        else:   # counted, logged and listed like the other skips
+            stats.skips.add(Skip(s.shard, s.key, "duplicate_key",
+                                 "twice in this shard, the first is kept"))
     return kept
 
 
-def split_data(data: tuple[str, ...] | list[str]) -> tuple[list[str], list[str]]:
+def split_data(data: tuple[str, ...] | list[str], known: Collection[str] = ()
+               ) -> tuple[list[str], list[str]]:
     """--data entries -> (shard patterns, folder roots): an existing directory is a folder of
-    images, unless it holds shards (.tar, .tar.gz, .tgz) and no images at its top level."""
+    images, unless it holds shards (.tar, .tar.gz, .tgz) and no images at its top level. A
+    path that is missing but is a folder this collection indexed (`known`, known_folders) stays
+    a folder, reported offline with its points kept; any other missing path is an error."""
     patterns: list[str] = []
     roots: list[str] = []
     for entry in data:
-        if os.path.isdir(os.path.expanduser(entry)) and is_shard_folder(entry):
+        path = os.path.expanduser(entry)
+        if os.path.isdir(path) and _holds_shards(entry):
             patterns.append(entry)
-        elif os.path.isdir(os.path.expanduser(entry)):
+        elif os.path.isdir(path) or (_plain(entry) and resolve_root(entry) in known):
             root = resolve_root(entry)
             if root not in roots:
                 roots.append(root)
+        elif _plain(entry) and not os.path.lexists(path):
+            raise FileNotFoundError(f"{entry} not found: no such folder or shard file (nothing "
+                                    "was changed)")
         else:
             patterns.append(entry)
     if not patterns and not roots:
@@ -136,105 +145,28 @@ def split_data(data: tuple[str, ...] | list[str]) -> tuple[list[str], list[str]]
     return patterns, roots
 
 
-def folder_sources(store: Store, roots: list[str], cfg: BuildConfig,
-                   only: dict[str, tuple[str, ...]] | None = None
-                   ) -> tuple[list[FolderSource], dict[str, dict], dict]:
-    """(sources, their record docs, the folder registry). A folder's dataset name is fixed by
-    its first build: two folders may not share one (their point ids would collide)."""
-    registry: dict = store.get_doc(FOLDERS_DOC) or {}
-    sources, docs, names = [], {}, {}
-    for root in roots:
-        ds = cfg.dataset or os.path.basename(root) or "root"
-        clash = [r for r, info in registry.items() if info.get("dataset") == ds and r != root]
-        clash += [r for r, n in names.items() if n == ds]
-        if clash:
-            raise ValueError(f"dataset name {ds!r} is already used by folder {clash[0]} in this "
-                             f"collection: give {root} its own name with --dataset")
-        names[root] = ds
-        doc = store.get_doc(doc_name(root)) or {"root": root, "dataset": ds, "files": {},
-                                                "skipped": {}}
-        if doc["dataset"] != ds:
-            raise ValueError(f"{root} was indexed as dataset {doc['dataset']!r}; pass "
-                             f"--dataset {doc['dataset']} to keep its points in sync")
-        doc["hash"] = cfg.hash_files
-        docs[root] = doc
-        sources.append(FolderSource(root=root, dataset=ds, record=dict(doc["files"]),
-                                    hash=cfg.hash_files,
-                                    only=None if only is None else only.get(root, ())))
-    return sources, docs, registry
+def _plain(entry: str) -> bool:
+    """A --data entry that names one path (not a brace pattern or a pipe: command)."""
+    return not entry.startswith("pipe:") and "{" not in entry
 
 
-class FolderPass:
-    """The folders of one sync pass: what each batch changes in their records, and their
-    file counts (new, changed, deleted, unchanged, indexed, skipped by reason)."""
+def _holds_shards(entry: str) -> bool:
+    """A folder that cannot be listed is a folder of images (reported unreadable, its points
+    kept), not an error here."""
+    try:
+        return is_shard_folder(entry)
+    except OSError:
+        return False
 
-    def __init__(self, store: Store, roots: list[str], cfg: BuildConfig,
-                 only: dict[str, tuple[str, ...]] | None) -> None:
-        self.sources, self.docs, self.registry = folder_sources(store, roots, cfg, only)
-        self.by_root = {src.root: src for src in self.sources}
-        self.counts: dict[str, Counter] = {r: Counter() for r in self.by_root}
-        self.walked: Counter[str] = Counter()
-        self.only = only
-        for src in self.sources:   # claimed first, so an interrupted build still holds the name
-            self.registry.setdefault(src.root, {}).update(dataset=src.dataset, doc=src.doc)
-        if self.sources:
-            store.put_doc(FOLDERS_DOC, self.registry)
 
-    def owns(self, shard: str) -> bool:
-        return shard in self.by_root
-
-    def take(self, batch: Batch, points: list[PointData], stats: RunStats,
-             tally: ShardTally) -> dict[str, FolderUpdate]:
-        """Count the batch's skips, file events and folder samples; returns the folder
-        record updates to apply once its points are stored."""
-        updates: dict[str, FolderUpdate] = defaultdict(FolderUpdate)
-        for s in batch.skips:
-            stats.skips.add(s)
-            src = self.by_root.get(s.shard)
-            if src is None:
-                tally.skip(s.shard, s.reason)
-                continue
-            self.counts[src.root]["skip:" + s.reason] += 1
-            if s.fp is None:  # a walk problem or an unreadable file: retried next time
-                continue
-            was = s.key in src.record
-            self.counts[src.root]["changed" if was else "new"] += 1
-            updates[src.root].skipped[s.key] = (s.fp, s.reason)
-            if was:  # a file that went bad: its old point no longer shows it
-                updates[src.root].delete_ids.append(point_id(src.dataset, s.key))
-        for e in batch.events:
-            self.counts[e.root][e.kind] += 1
-            if e.kind == "deleted":
-                updates[e.root].gone.append(e.key)
-                updates[e.root].delete_ids.append(point_id(self.by_root[e.root].dataset, e.key))
-        for s in batch.samples:
-            src = self.by_root.get(s.shard)
-            if src is not None:
-                c = self.counts[src.root]
-                c["changed" if s.key in src.record else "new"] += 1
-                c["indexed"] += 1
-                updates[src.root].files[s.key] = s.fp
-        self.walked.update(batch.folders_done)
-        return dict(updates)
-
-    def finish(self, store: Store, readers: int) -> dict:
-        """Per-folder summaries; the registry updated (synced_at once a folder was walked
-        whole by every reader, outside watch mode)."""
-        out = {}
-        for root, src in self.by_root.items():
-            doc, c = self.docs[root], self.counts[root]
-            out[root] = dict(
-                {k: c.get(k, 0) for k in FILE_COUNTS}, dataset=src.dataset,
-                indexed=c.get("indexed", 0), complete=self.walked[root] >= readers,
-                skipped={k.removeprefix("skip:"): v for k, v in c.items()
-                         if k.startswith("skip:")})
-            self.registry[root].update(files=len(doc["files"]) - len(doc["skipped"]),
-                                       skipped=dict(Counter(doc["skipped"].values())))
-            if out[root]["complete"] and self.only is None:
-                self.registry[root]["synced_at"] = time.time()
-        if self.sources:
-            store.put_doc(FOLDERS_DOC, self.registry)
-        return out
+def known_folders(store_cfg: StoreConfig, data: tuple[str, ...] | list[str]) -> set[str]:
+    """The folder roots the collection has indexed, read only when a --data path is missing:
+    a folder on a drive that is away is then kept as a folder (offline), its points kept."""
+    missing = [e for e in data if _plain(e) and not os.path.lexists(os.path.expanduser(e))]
+    if not missing or (store_cfg.path and not os.path.isdir(store_cfg.path)):
+        return set()
+    with open_store(store_cfg) as store:
+        return set(store.get_doc(FOLDERS_DOC) or {})
 
 
 def sync_pass(store: Store, meta: dict, emb: Embedder, cfg: BuildConfig, urls: list[str],
@@ -245,8 +177,9 @@ def sync_pass(store: Store, meta: dict, emb: Embedder, cfg: BuildConfig, urls: l
     `only` paths in them, for watch mode). Returns the summary; never raises on a stop."""
     stats = RunStats()
     run = prepare_run(store, urls, cfg.dataset)
-    folders = FolderPass(store, roots, cfg, only)
-    writer = Writer(store, run.records, run.stale, folders.docs)
+    folders = FolderPass(store, roots, cfg.dataset, cfg.hash_files, only)
+    writer = Writer(store, run.records, run.stale, folders.docs,
+                    fingerprints=run.fingerprints)
     writer.start()
     readers = 1
     try:
@@ -298,7 +231,7 @@ def build(cfg: BuildConfig, on_progress: Callable[[dict], None] | None = None,
     """Index the shards and sync the folders into the store. Returns the summary (CONTRACT
     `idx build --json`, plus folder file counts). A stop (Ctrl-C, or `stop` set: the current
     batch is finished first) raises KeyboardInterrupt once everything computed is stored."""
-    patterns, roots = split_data(cfg.data)
+    patterns, roots = split_data(cfg.data, known_folders(cfg.store, cfg.data))
     urls = expand(patterns) if patterns else []
     emb = Embedder.create(cfg.checkpoint, cfg.phi, cfg.device)
     meta = collection_meta(emb)

@@ -1,8 +1,10 @@
 """Resume: which shards a run still has to index, and the record of each shard it finishes.
 
 A shard is done when the writer has stored its last point; its record (keyed by resolved path:
-sources.shards.shard_key) holds its fingerprint, so a changed shard is indexed again and the
-points it no longer holds are deleted.
+sources.shards.shard_key) holds its fingerprint as taken when the run planned it, before any
+of it was read, so a shard rewritten while it is indexed is indexed again by the next run. A
+changed shard is indexed again and the points it no longer holds are deleted: the points whose
+`shard_url` is that shard, never those of a shard with the same file name in another folder.
 """
 
 from __future__ import annotations
@@ -44,14 +46,19 @@ def load_records(store: Store, urls: list[str], write: bool = True) -> dict:
     return migrated
 
 
-def plan(urls: list[str], records: dict) -> tuple[list[str], list[str], list[str]]:
-    """(to index, already done, changed since done). A shard is done by name and fingerprint."""
+def plan(urls: list[str], records: dict, fingerprints: dict[str, str] | None = None
+         ) -> tuple[list[str], list[str], list[str]]:
+    """(to index, already done, changed since done). A shard is done by name and fingerprint
+    (a record without one is to be redone). `fingerprints`, when given, gets each shard's."""
     todo, done, changed = [], [], []
     for url in urls:
         rec = records.get(url)
+        fp = fingerprint(url)
+        if fingerprints is not None:
+            fingerprints[url] = fp
         if rec is None:
             todo.append(url)
-        elif rec.get("fingerprint") == fingerprint(url):
+        elif rec.get("fingerprint") == fp:
             done.append(url)
         else:
             todo.append(url)
@@ -66,22 +73,48 @@ class RunPlan:
     already: list[str]              # done and unchanged
     changed: list[str]              # done, but changed since
     stale: dict[str, set[str]]      # changed shard -> the ids it held (the vanished get deleted)
+    fingerprints: dict[str, str]    # shard -> its fingerprint when planned, before it was read
 
 
 def prepare_run(store: Store, urls: list[str], dataset: str | None, **note) -> RunPlan:
     """Plan the run and write its start-of-run record first, so a build killed outright still
     shows what it left pending (`note`: extra fields for that record)."""
     records = load_records(store, urls)
-    todo, already, changed = plan(urls, records)
+    fingerprints: dict[str, str] = {}
+    todo, already, changed = plan(urls, records, fingerprints)
     stale = {}
+    known = set(records) | set(urls)
     for url in changed:
         ds = folder_info(url, dataset).dataset
-        stale[url] = {h.id for h in store.scroll({"dataset": ds,
-                                                  "shard": os.path.basename(url)})}
+        stale[url] = held_by(store, url, ds, known)
         log.info("shard changed since indexed: %s", url)
     previous = store.get_doc(LAST_RUN_DOC) or {}
     store.put_doc(LAST_RUN_DOC, dict(previous, pending=todo, running_since=time.time(), **note))
-    return RunPlan(records, todo, already, changed, stale)
+    return RunPlan(records, todo, already, changed, stale,
+                   {u: fingerprints[u] for u in todo})
+
+
+def same_shard(shard_url: str | None, url: str) -> bool:
+    """A point's `shard_url` names shard `url` (resolved: older builds stored it as typed)."""
+    if not shard_url:
+        return False
+    return shard_url == url or (not shard_url.startswith("pipe:") and shard_key(shard_url) == url)
+
+
+def held_by(store: Store, url: str, dataset: str, known: set[str]) -> set[str]:
+    """The ids of the points shard `url` holds: of its dataset and file name (indexed fields),
+    and with its path as `shard_url`, so a shard of the same name in another folder keeps its
+    points. A point from a build that stored the path as typed (relative) is this shard's when
+    that path resolves to it here, or when no other known shard has this file name."""
+    name = os.path.basename(url)
+    alone = not any(os.path.basename(k) == name for k in known if k != url)
+    ids = set()
+    for h in store.scroll({"dataset": dataset, "shard": name}):
+        su = h.payload.get("shard_url")
+        legacy = bool(su) and not su.startswith("pipe:") and not os.path.isabs(su)
+        if same_shard(su, url) or (legacy and alone):
+            ids.add(h.id)
+    return ids
 
 
 class ShardTally:
@@ -111,7 +144,8 @@ class ShardTally:
 
 
 def _record(url: str, counts: Counter, ids: set[str]) -> dict:
-    return {"fingerprint": fingerprint(url), "indexed": counts.get("indexed", 0),
+    """A finished shard's record; the writer adds the fingerprint the run planned it with."""
+    return {"indexed": counts.get("indexed", 0),
             "skipped": {k.removeprefix("skip:"): v for k, v in counts.items()
                         if k.startswith("skip:")},
             "completed_at": time.time(), "_ids": ids}

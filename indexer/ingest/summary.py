@@ -67,6 +67,9 @@ def finish_summary(collection: str, store: Store, writer: Writer, meta: dict, ru
     distributed build, and stored as the last_run doc (without the listed skipped samples)."""
     seconds = time.perf_counter() - stats.t_start
     folders = folders or {}
+    for dup in writer.duplicates:   # keys another shard holds: dropped by the writer
+        stats.skips.add(dup)
+    stats.indexed -= len(writer.duplicates)
     if phi_img_per_s is None and stats.phi_s:
         phi_img_per_s = round(stats.indexed / stats.phi_s, 2)
     summary = {
@@ -85,6 +88,8 @@ def finish_summary(collection: str, store: Store, writer: Writer, meta: dict, ru
         },
         **{k: sum(f[k] for f in folders.values()) for k in FILE_COUNTS},
         "folders": folders,
+        # folder paths that could not be read: their points kept, never deleted
+        "unavailable": unavailable_paths(folders),
         "shards_indexed": None if stats.interrupted else len(run.todo) - len(stats.failed),
         "shards_failed": stats.failed,
         "shards_already_done": len(run.already),
@@ -103,6 +108,13 @@ def finish_summary(collection: str, store: Store, writer: Writer, meta: dict, ru
         not stats.indexed and not run.todo and not stats.interrupted and not stats.skips.counts
         and not any(summary[k] for k in ("new", "changed", "deleted")))))
     return summary
+
+
+def unavailable_paths(folders: dict) -> list[dict]:
+    """Every folder's paths that could not be read (offline, unreadable), in one list, each
+    with its folder: {folder, path, rel, reason, detail, kept[, since]}."""
+    return [dict(a, folder=root) for root, f in sorted(folders.items())
+            for a in f.get("unavailable") or []]
 
 
 CLUSTER_KEYS = ("method", "preprocess", "projection", "points", "noise", "created_at",
@@ -158,10 +170,11 @@ def status(store_cfg: StoreConfig) -> dict | None:
         skipped: Counter[str] = Counter()
         for rec in list(records.values()) + list(folders.values()):
             skipped.update(rec.get("skipped", {}))
-        pending = [u for u in (last or {}).get("pending", []) if u not in records]
+        redo = [u for u, r in records.items() if r.get("fingerprint") is None]  # writer._redo
+        pending = [u for u in (last or {}).get("pending", []) if u not in records] + redo
         return {
             "points": store.count(),
-            "shards_done": len(records),
+            "shards_done": len(records) - len(redo),
             "shards_pending": len(pending),
             "skipped": dict(skipped),
             "model_sha256": meta["model_sha256"],
@@ -170,12 +183,14 @@ def status(store_cfg: StoreConfig) -> dict | None:
             "sigma": meta["sigma"], "draws": meta["draws"], "seed": meta["seed"],
             "schema_version": meta["schema_version"],
             "dim": meta.get("dim"),
+            "device": meta.get("device"),   # that made the vectors (None: not recorded)
             "backend": store.backend,
             "collection": store_cfg.collection,
             "resolved_collection": store.name,   # the target when --collection is an alias
             "pending": pending,
             "shards": {u: {k: v for k, v in r.items()} for u, r in records.items()},
             "folders": folders,
+            "unavailable": unavailable_paths(folders),
             "last_run": last,
             "clustering": clustering_state(store.get_doc(CLUSTERS_DOC)),
         }

@@ -11,15 +11,16 @@ from collections import Counter, defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
+from phisearch.indexer.ingest.folder_pass import folder_sources, unavailable_entry
 from phisearch.indexer.ingest.pipeline import (
     BuildConfig,
     collection_meta,
-    folder_sources,
+    known_folders,
     split_data,
     sync_pass,
 )
 from phisearch.indexer.ingest.resume import load_records, plan
-from phisearch.indexer.ingest.summary import FILE_COUNTS
+from phisearch.indexer.ingest.summary import FILE_COUNTS, unavailable_paths
 from phisearch.indexer.model.embedder import Embedder
 from phisearch.indexer.sources.folders import hidden, is_image_name, resolve_root, scan
 from phisearch.indexer.sources.records import FileEvent
@@ -32,28 +33,34 @@ log = logging.getLogger(__name__)
 def dry_run(cfg: BuildConfig) -> dict:
     """What `build` would do, changing nothing (no model is loaded): folder file counts (new,
     changed, deleted, unchanged) and shards to index. With `hash_files` every file is read."""
-    patterns, roots = split_data(cfg.data)
+    patterns, roots = split_data(cfg.data, known_folders(cfg.store, cfg.data))
     urls = expand(patterns) if patterns else []
     with open_store(cfg.store) as store:
         exists = store.meta() is not None
         records = load_records(store, urls, write=False) if exists else {}
         todo, already, changed = plan(urls, records)
-        sources, _, _ = folder_sources(store, roots, cfg)
+        sources, _, _ = folder_sources(store, roots, cfg.dataset, cfg.hash_files)
         points = store.count() if exists else 0
     folders, skipped = {}, Counter()
     for src in sources:
         c: Counter[str] = Counter()
+        away = []
         for item in scan(src, decode=False):
             if isinstance(item, FileEvent):
                 c[item.kind] += 1
             else:
                 c["skip:" + item.reason] += 1
                 skipped[item.reason] += 1
+                if item.kept is not None:
+                    away.append(unavailable_entry(src.root, item.key or "", item.reason,
+                                                  item.detail, item.kept))
         folders[src.root] = dict(
             {k: c.get(k, 0) for k in FILE_COUNTS}, dataset=src.dataset,
-            skipped={k.removeprefix("skip:"): v for k, v in c.items() if k.startswith("skip:")})
+            skipped={k.removeprefix("skip:"): v for k, v in c.items() if k.startswith("skip:")},
+            unavailable=away, kept=sum(a["kept"] for a in away))
     return {"dry_run": True, **{k: sum(f[k] for f in folders.values()) for k in FILE_COUNTS},
             "skipped": dict(skipped), "folders": folders,
+            "unavailable": unavailable_paths(folders),
             "shards_to_index": len(todo) - len(changed), "shards_already_done": len(already),
             "shards_changed": len(changed), "points": points,
             "collection": cfg.store.collection}
@@ -100,9 +107,13 @@ def watch(cfg: BuildConfig, on_sync: Callable[[dict], None],
     Returns the last summary."""
     from watchfiles import watch as watch_paths
 
-    patterns, roots = split_data(cfg.data)
+    patterns, roots = split_data(cfg.data, known_folders(cfg.store, cfg.data))
     if not roots:
         raise ValueError("--watch needs a folder in --data")
+    for root in roots:
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"cannot watch {root}: not found (a drive that is away?); "
+                                    "nothing was changed, its points are kept")
     urls = expand(patterns) if patterns else []
     stop = stop or threading.Event()
     emb = Embedder.create(cfg.checkpoint, cfg.phi, cfg.device)

@@ -1,10 +1,14 @@
 """Collection aliases: build a new collection beside the old one, then switch a name over.
 
 Queries, the UI and `idx serve` open a collection by name; when that name is an alias they get
-its target, resolved at open time. So a model or φ upgrade runs without downtime:
+its target: a command resolves it when it opens the store, and the long-running readers (serve,
+the UI) look it up again at every request (store/holder.py), closing the old target's handle
+when the alias has moved. So a model or φ upgrade runs without downtime:
 `idx build --collection phisearch-v2 ...` builds beside the live collection, which keeps
-answering, and `idx alias set phisearch phisearch-v2` switches every later open in one atomic
-step (Edge: aliases.json replaced atomically; server: one update_collection_aliases call).
+answering, and `idx alias set phisearch phisearch-v2` switches every later request in one atomic
+step (Edge: aliases.json replaced atomically; server: one update_collection_aliases call); each
+request answers wholly from one target, with that target's own model (the model cache is keyed
+on the collection's identity). tests/test_trust_answers.py runs it with serve and the UI up.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import os
 from phisearch.indexer.store import StoreConfig, backend
 
 OVERVIEW_KEYS = ("checkpoint", "model_sha256", "readout", "sigma", "draws", "seed", "dim",
-                 "schema_version")
+                 "schema_version", "device")
 
 
 def list_aliases(cfg: StoreConfig) -> dict[str, str]:

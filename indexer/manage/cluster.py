@@ -14,12 +14,17 @@ k-means has none, so it is the margin 1 - d1/d2 between the nearest (d1) and sec
 centroid (1 = on a centroid, 0 = on a boundary). Stored rounded to 0.01, so that the payload
 writes group into at most ~101 updates per cluster.
 
+Clustering reads the collection's own dense readout, whatever the collection was built with
+(its meta's `readout`); the shipped small64's default readout is blocks+white128+l2 (128-d,
+whitened and unit length already, so `auto` below is l2 and changes nothing).
+
 Defaults, measured with bench/cluster_preprocess.py (NMI against the 10 labels, HDBSCAN noise
-counted as one more group):
-A. the imagenette index: all 13,394 imagenette-64 images indexed with the shipped small64
-   (default readout blocks+white64: 64-d, PCA-whitened; bench/results/cluster_preprocess.json);
-B. 2,000 test images indexed with the same model's fp32 weights and the paper's readout mid
-   (256-d, raw; bench/results/cluster_preprocess_mid.json).
+counted as one more group) on indexes built by earlier models than the one shipped now, each
+named by its weights' sha256 and readout as its JSON records them:
+A. the imagenette index: all 13,394 imagenette-64 images (model 1072c3c691b4, readout
+   blocks+white64: 64-d, PCA-whitened; bench/results/cluster_preprocess.json);
+B. 2,000 test images (model 65c23d8d1ac7, fp32, the paper's readout mid: 256-d, raw;
+   bench/results/cluster_preprocess_mid.json).
 - The default preprocessing, auto, is l2 for whitened readouts and pca (32 dims) otherwise.
   l2 (unit length) on A gives HDBSCAN the highest NMI and the least noise (leaf/10/1: NMI
   0.077 with 91% noise, vs 0.048 / 95% raw and 0.035 / 96% pca32;
@@ -34,7 +39,8 @@ B. 2,000 test images indexed with the same model's fp32 weights and the paper's 
   takes 36 s in all): pca for such collections.
 - HDBSCAN runs in a 10-d UMAP projection (30 neighbours, min_dist 0; `projection` auto), eom
   selection, min_samples 1, min_cluster_size n/250 between 5 and 50 (`auto_min_size`).
-  Measured on A at 128-d (bench/cluster_default.py, bench/results/cluster_default.json,
+  Measured on the same 13,394 images indexed at 128-d (model 06f527fd58fa, readout
+  blocks+white128+l2; bench/results/cluster_default.json, made by bench/cluster_default.py;
   docs/results.md): the old default (leaf/10/1 in the l2 space) left 89% noise in 70 clusters
   (NMI 0.097, ARI 0.001). φ has no density structure HDBSCAN can use in the full space, nor
   in PCA: a whitened readout has a flat spectrum (1.2% of the variance per axis), and with PCA

@@ -37,8 +37,9 @@ from phisearch.indexer.store import (
 log = logging.getLogger(__name__)
 
 EXPORT_DOC = "export"   # in the destination: where it came from, and how far the copy got
-# The side documents a collection can hold: pipeline.SHARDS_DOC, pipeline.LAST_RUN_DOC and
-# cluster.DOC (named here, not imported, so that export needs no torch; a test checks they agree).
+# The side documents every collection can hold: the store's own names for them (cluster.DOC is
+# CLUSTERS_DOC), imported from the store, which needs no torch, so neither does export (a test
+# checks both). Folder sources add the "folders" registry and one doc per folder (_copy_docs).
 SIDE_DOCS = (SHARDS_DOC, LAST_RUN_DOC, CLUSTERS_DOC)
 
 

@@ -12,15 +12,44 @@ from phisearch.indexer.model.config import PhiConfig
 from phisearch.indexer.model.phi import MID, fast_layout, features
 from phisearch.indexer.model.readout import Readout, check_fitted_for
 
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def device_problem(name: str, here: bool = True) -> str | None:
+    """Why --device NAME cannot be used (here: on this machine too), in one line, or None:
+    every command that takes --device (serve and the UI included) refuses the same way, before
+    anything is loaded."""
+    if name not in DEVICES:
+        return f'unknown device "{name}"; use {", ".join(DEVICES)}'
+    if here and name == "cuda" and not torch.cuda.is_available():
+        return 'device "cuda": torch sees no CUDA device here (use cpu or auto)'
+    return None
+
 
 def pick_device(name: str = "auto") -> torch.device:
+    problem = device_problem(name)
+    if problem:
+        raise ValueError(problem)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but torch sees no CUDA device")
-    if name not in ("cpu", "cuda"):
-        raise ValueError(f'unknown device "{name}"; use auto, cpu or cuda')
     return torch.device(name)
+
+
+def checkpoint_stamp(name: str | None) -> tuple:
+    """What changes whenever the checkpoint file a collection names is rewritten: its path,
+    inode, size and mtime, and its JSON record's. `idx fit-readout` rewrites a checkpoint in
+    place and keeps the weights' hash, so a model cache keyed on the collection's identity alone
+    would keep a model the file no longer holds; keyed on this too, it loads the file again
+    (and check_identity then refuses it if it no longer makes the collection's vectors)."""
+    path = ckpt.resolve(name)
+    out: list = [str(path)]
+    for p in (path, path.with_suffix(".json")):
+        try:
+            s = p.stat()
+            out += [s.st_ino, s.st_size, s.st_mtime_ns]
+        except FileNotFoundError:
+            out += [None, None, None]
+    return tuple(out)
 
 
 def sparse_of(mid: np.ndarray) -> list[tuple[list[int], list[float]]]:
@@ -61,7 +90,9 @@ class Embedder:
 
     @classmethod
     def from_meta(cls, meta: dict, device: str = "auto") -> Embedder:
-        """Rebuild the embedder a collection was built with, and check it is the same model."""
+        """Load the model, readout and φ settings a collection's meta names. Only the weights'
+        hash is checked here: the caller checks the whole identity (store.check_identity, via
+        search.query.embedder_for), since a checkpoint refitted in place keeps its weights."""
         phi = PhiConfig(sigma=meta["sigma"], draws=meta["draws"], seed=meta["seed"],
                         readout=meta.get("readout", "mid"))
         e = cls.create(meta.get("checkpoint"), phi, device)

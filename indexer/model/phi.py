@@ -3,6 +3,16 @@
 The noise for an image comes from a CPU generator seeded by `seed` and a hash of the image's
 uint8 pixels, so identical pixels give identical φ in any batch, on any device, whether the
 image was indexed or uploaded (CONTRACT.md). Draws are folded into the batch.
+
+Numerics: a collection built on a GPU is searched with vectors made on a CPU (query, serve and
+the UI default to cpu). CUDA runs fp32 convolutions in TF32 by default (10-bit mantissa), which
+moves the shipped model's dense vectors by ~4e-4 of their largest component (a CPU emulation of
+TF32's rounding); the φ pass therefore runs with TF32 (and oneDNN's bf16 for fp32) off
+(`exact_fp32`), so a GPU and a CPU differ only by summation order. DEVICE_RTOL states the
+agreement: for the same pixels and settings, on any device, batch or memory layout, the vectors
+differ by at most DEVICE_RTOL * their largest |component| (tests/test_trust_answers.py checks it
+on a CPU across layouts and batches, that the TF32 emulation exceeds it, and, marked gpu, CUDA
+against CPU: not yet run on a GPU).
 """
 
 from __future__ import annotations
@@ -11,8 +21,9 @@ import contextlib
 import functools
 import hashlib
 import json
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -21,6 +32,62 @@ from torch import Tensor
 
 MID = "M.out"
 Pooling = Callable[[Tensor], Tensor]   # the middle block's map (N, C, h, w) -> (N, D)
+DEVICE_RTOL = 1e-4   # φ across devices, batches and layouts (module docstring)
+
+# torch >= 2.9: per-backend, per-op fp32 precision ("ieee" | "tf32" | "bf16" | "none": inherit)
+_PRECISION_OPS = (("cuda", "matmul"), ("cudnn", "conv"), ("cudnn", "rnn"),
+                  ("mkldnn", "matmul"), ("mkldnn", "conv"), ("mkldnn", "rnn"))
+_exact = {"lock": threading.Lock(), "users": 0, "saved": None}
+
+
+def _precision_ops() -> list:
+    out = []
+    for backend, op in _PRECISION_OPS:
+        obj = getattr(getattr(torch.backends, backend, None), op, None)
+        if obj is not None and hasattr(obj, "fp32_precision"):
+            out.append(obj)
+    return out
+
+
+def precision_state() -> tuple:
+    """The flags that decide whether fp32 convolutions and matmuls may run in lower precision
+    (new per-op settings where this torch has them, else the legacy allow_tf32 flags)."""
+    ops = _precision_ops()
+    if ops:
+        return tuple(o.fp32_precision for o in ops)
+    return (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+            torch.get_float32_matmul_precision())
+
+
+def _set_precision(state: tuple | None) -> None:
+    """Restore `state` (precision_state()), or with None make every fp32 op exact."""
+    ops = _precision_ops()
+    if ops:
+        for o, v in zip(ops, state or ("ieee",) * len(ops)):
+            o.fp32_precision = v
+        return
+    mm, conv, prec = state or (False, False, "highest")
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = mm, conv
+    torch.set_float32_matmul_precision(prec)
+
+
+@contextlib.contextmanager
+def exact_fp32() -> Iterator[None]:
+    """TF32 (and bf16-for-fp32) off while the block runs, the previous flags restored after.
+    The flags are process-wide: nested and concurrent passes (serve's threads) share one
+    setting, taken by the first to enter and restored by the last to leave."""
+    with _exact["lock"]:
+        if _exact["users"] == 0:
+            _exact["saved"] = precision_state()
+            _set_precision(None)
+        _exact["users"] += 1
+    try:
+        yield
+    finally:
+        with _exact["lock"]:
+            _exact["users"] -= 1
+            if _exact["users"] == 0:
+                _set_precision(_exact["saved"])
 
 
 def as_uint8(images: np.ndarray | Tensor) -> np.ndarray:
@@ -120,7 +187,7 @@ def features(model: UNet, images: np.ndarray | Tensor, sigma: float, draws: int,
     if getattr(model, "channels_last", False):   # set by fast_layout: match the model
         y = y.contiguous(memory_format=torch.channels_last)
     got: dict[str, Tensor] = {}
-    with _autocast(device, amp_dtype):
+    with exact_fp32(), _autocast(device, amp_dtype):
         mid_map, skips = model.encode(y, taps=got)
         if any(t.startswith("D") for t in taps):
             model.decode(mid_map, skips, taps=got)

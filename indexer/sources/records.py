@@ -32,6 +32,8 @@ class Skip:
     reason: str              # short counter key: corrupt_image, truncated_tar, no_image, ...
     detail: str = ""
     fp: list | None = None   # folder files: recorded, so an unchanged bad file is not retried
+    kept: int | None = None  # folder paths that cannot be read (offline, unreadable): how many
+                             # recorded files lie under it, their points kept (not deleted)
 
 
 @dataclass
@@ -48,7 +50,7 @@ class FileEvent:
     """A folder file that needs no decoding: unchanged, gone (deleted), or (dry run) new/changed."""
     root: str
     key: str
-    kind: str                                   # unchanged | deleted | new | changed
+    kind: str                                   # unchanged | deleted | new | changed | mount
 
 
 @dataclass(frozen=True)
@@ -92,13 +94,14 @@ SKIP_WORDS = {
     "too_small": f"too small (under {images.MIN_SIDE} px a side)",
     "too_large": f"too large (over {images.MAX_PIXELS:,} pixels or {images.MAX_BYTES >> 20} MiB)",
     "no_image": "no image in the sample",
-    "duplicate_key": "key seen twice in one shard (the first kept)",
+    "duplicate_key": "key seen twice in a dataset (in one shard or two; the first kept)",
     "truncated_tar": "shard cut short",
     "corrupt_tar": "corrupt tar data",
     "unreadable_shard": "shard could not be opened",
     "read_error": "read error",
     "not_a_file": "not a regular file",
-    "unreadable": "file could not be read",
+    "unreadable": "file or folder could not be read (its points kept)",
+    "offline": "folder or link target away, e.g. an unplugged drive (its points kept)",
     "symlink_loop": "link back to a folder already walked",
 }
 

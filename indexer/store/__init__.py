@@ -1,10 +1,11 @@
 """The vector store: one interface over Qdrant Edge (in-process, a folder) and a Qdrant server.
 
     backend(cfg)      the place (an Edge folder or a server): collections, aliases, snapshots
-    open_store(cfg)   one collection, open (Edge: locked) until close()
+    open_store(cfg)   one collection, open (Edge: locked) until close(); on a server the
+                      first write (ensure()) takes the collection's write lease (lease.py)
 
 base.py holds the interface and imports no backend; edge.py and server.py import only base
-(and the Edge files and lock they own).
+(and the Edge files and lock, or the server lease, they own).
 """
 
 from __future__ import annotations
@@ -34,10 +35,33 @@ from phisearch.indexer.store.base import (
     point_id,
 )
 
-__all__ = ["CLUSTERS_DOC", "LAST_RUN_DOC", "SHARDS_DOC", "DENSE", "IDENTITY_KEYS", "INDEXES", "INT64_MAX", "INT64_MIN", "NAMESPACE",
-           "SCHEMA_VERSION", "SPARSE", "Backend", "Hit", "MetaMismatch", "PointData", "Store",
-           "StoreBusy", "StoreConfig", "StoreError", "backend", "backend_class", "open_store", "parse_filter",
-           "plain", "point_id"]
+__all__ = [
+    "CLUSTERS_DOC",
+    "DENSE",
+    "IDENTITY_KEYS",
+    "INDEXES",
+    "INT64_MAX",
+    "INT64_MIN",
+    "LAST_RUN_DOC",
+    "NAMESPACE",
+    "SCHEMA_VERSION",
+    "SHARDS_DOC",
+    "SPARSE",
+    "Backend",
+    "Hit",
+    "MetaMismatch",
+    "PointData",
+    "Store",
+    "StoreBusy",
+    "StoreConfig",
+    "StoreError",
+    "backend",
+    "backend_class",
+    "open_store",
+    "parse_filter",
+    "plain",
+    "point_id",
+]
 
 
 def backend_class(cfg: StoreConfig) -> type[Backend]:

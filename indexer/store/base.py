@@ -64,7 +64,8 @@ class MetaMismatch(StoreError):
 
 
 class StoreBusy(StoreError):
-    """An Edge collection is held open by another handle (e.g. a running `idx build`)."""
+    """An Edge collection is held open by another handle, or a server collection's write lease
+    by another writer (e.g. a running `idx build`)."""
 
 
 @dataclass(frozen=True)
@@ -196,13 +197,36 @@ def check_name(name: str, what: str) -> str:
     return name
 
 
+def identity(meta: dict) -> dict:
+    """The identity part of a collection's meta: what its vectors depend on."""
+    return {k: meta.get(k) for k in IDENTITY_KEYS}
+
+
+def _diffs(stored: dict, wanted: dict, label: str) -> list[str]:
+    return [f"{k} stored {stored.get(k)!r} vs {label} {wanted.get(k)!r}"
+            for k in IDENTITY_KEYS if stored.get(k) != wanted.get(k)]
+
+
 def check_meta(stored: dict, wanted: dict, where: str) -> None:
-    """Raise MetaMismatch naming every identity key whose value differs."""
-    diffs = [f"{k} stored {stored.get(k)!r} vs requested {wanted.get(k)!r}"
-             for k in IDENTITY_KEYS if stored.get(k) != wanted.get(k)]
+    """Raise MetaMismatch naming every identity key whose value differs (a build adding to a
+    collection)."""
+    diffs = _diffs(stored, wanted, "requested")
     if diffs:
         raise MetaMismatch(f"{where} was built with other settings: {'; '.join(diffs)} "
                            "(use another --collection, or delete it to rebuild)")
+
+
+def check_identity(stored: dict, made: dict, where: str, source: str) -> None:
+    """Raise MetaMismatch when the model and φ settings loaded to read a collection (query,
+    serve, the UI, reconstruct) would make other vectors than the stored ones: `made` is what
+    that embedder would record. A checkpoint rewritten in place (idx fit-readout keeps the
+    weights' hash but changes readout_sha256) is caught here."""
+    diffs = _diffs(stored, made, "now")
+    if diffs:
+        raise MetaMismatch(f"{where} was built with other settings than {source} gives now: "
+                           f"{'; '.join(diffs)} (was the checkpoint changed, e.g. by idx "
+                           "fit-readout? rebuild the collection, or restore the checkpoint "
+                           "it was built with)")
 
 
 def prepare_meta(meta: dict) -> dict:

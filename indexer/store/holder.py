@@ -10,6 +10,11 @@ Retry-After); after it is done, the next use opens the collection again. `hold_s
 long an idle handle is kept at all (inf: until someone asks; 0: closed after every use). A
 server allows any number of clients, so its handle is kept. A collection that did not exist
 when opened is looked for again at the next use.
+
+Aliases: cfg.collection may be an alias (`idx alias set live b`). Every use looks up what it
+names now (Edge: the folder's aliases.json; a server: one get_aliases call) and, when the alias
+has moved, closes the old target's handle and opens the new one, so a running serve or UI
+answers from the new target at its next request: model upgrades without downtime.
 """
 
 from __future__ import annotations
@@ -21,9 +26,11 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
+from pathlib import Path
 from typing import TypeVar
 
-from phisearch.indexer.store import Store, StoreConfig, backend_class, open_store
+from phisearch.indexer.store import Backend, Store, StoreConfig, backend, backend_class
+from phisearch.indexer.store import edge_files as files
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -39,6 +46,8 @@ class StoreHolder:
         self._lock = threading.RLock()
         self._store: Store | None = None
         self._keep = backend_class(cfg).shares_handles   # a server's: kept for good
+        self._edge = backend_class(cfg).kind == "edge"
+        self._place: Backend | None = None   # a server: its one client, with the handle
         self._last_used = 0.0
         self._watcher: threading.Thread | None = None
         self.handovers = 0            # times the handle was given up because someone asked
@@ -59,13 +68,34 @@ class StoreHolder:
         with self._lock:
             if self._store is not None and not self._store.is_built:
                 self._close()   # opened before `idx build` made it: look again
+            if self._store is not None and (now := self.target()) != self._store.name:
+                log.info("%s now names %s (was %s): switching", self.cfg.collection, now,
+                         self._store.name)
+                self._close()   # `idx alias set` moved it: open the new target
             if self._store is None:
-                self._store = open_store(replace(self.cfg, yields=True))
+                self._store = self._open()
             try:
                 yield self._store
             finally:
                 self._last_used = time.monotonic()
                 self._after_use()
+
+    def target(self) -> str:
+        """The collection cfg.collection names now: itself, or an alias's current target."""
+        name = self.cfg.collection
+        if self._edge:
+            return files.resolve(Path(self.cfg.path or ""), name)
+        return self._server().aliases().get(name, name)
+
+    def _server(self) -> Backend:
+        if self._place is None:
+            self._place = backend(replace(self.cfg, yields=True))
+        return self._place
+
+    def _open(self) -> Store:
+        if self._edge:
+            return backend(replace(self.cfg, yields=True)).open()
+        return self._server().open()   # shares the place's client (closed with the handle)
 
     def unheld(self, fn: Callable[[StoreConfig], T]) -> T:
         """Call fn(cfg), a library function that opens the store itself (pipeline.status),
@@ -107,10 +137,13 @@ class StoreHolder:
                 self._lock.release()
 
     def _close(self, asked: bool = False) -> None:
+        place, self._place = self._place, None
         if self._store is not None:
             try:
-                self._store.close()
+                self._store.close()   # a server's store closes the client it shares with place
             finally:
                 self._store = None
                 self.handovers += asked
                 log.info("store handle released%s", " (another process asked)" if asked else "")
+        elif place is not None:
+            place.close()

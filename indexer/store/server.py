@@ -4,9 +4,11 @@ Qdrant's own implementation of the API, and a real server in CI (docs/operations
 
 Metadata and documents live in a companion collection `<collection>__phisearch_meta` (a 1-d
 dummy vector; one point per record, id uuid5 of its name, the record as JSON text in the
-payload), so they are never points of the main collection. Server Euclid scores are true
-distances (Qdrant's Euclid post-processing takes the square root, as Edge's does), so `score`
-means the same in both backends; the shared test suite checks it against numpy.
+payload), so they are never points of the main collection; the write lease lives there too
+(lease.py: one writer at a time, as Edge's lock gives; readers never wait). Server Euclid
+scores are true distances (Qdrant's Euclid post-processing takes the square root, as Edge's
+does), so `score` means the same in both backends; the shared test suite checks it against
+numpy.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from phisearch.indexer.store.base import (
     Hit,
     PointData,
     Store,
+    StoreBusy,
     StoreConfig,
     StoreError,
     check_meta,
@@ -39,6 +42,7 @@ from phisearch.indexer.store.base import (
     plain,
     prepare_meta,
 )
+from phisearch.indexer.store.lease import TTL, LeaseBusy, WriteLease, describe
 from phisearch.indexer.store.server_errors import Missing, errors, is_connection_error
 from phisearch.indexer.store.server_snapshots import companion, recover
 from qdrant_client import QdrantClient, models
@@ -81,6 +85,7 @@ class ServerStore(Store):
         self.name = name                  # an alias was resolved at open, by the backend
         self.meta_name = self.name + META_SUFFIX
         self._dim: int | None = None
+        self.lease = WriteLease(client, self.meta_name, self._retry)
 
     @property
     def where(self) -> str:
@@ -105,6 +110,39 @@ class ServerStore(Store):
         with self._errors(what):
             return retrying(fn)
 
+    # -- the write lease (lease.py) -------------------------------------------------------------
+    def _writing(self) -> None:
+        """Before any write: hold the lease (waiting up to busy_wait for another writer, then
+        StoreBusy), and never write once it was lost."""
+        if not self.lease.held:
+            try:
+                self.lease.acquire(self.cfg.busy_wait)
+            except LeaseBusy as e:
+                raise StoreBusy(f"{self.where} is in use by another process "
+                                f"({describe(e.holder)}) (e.g. a running idx build); retry when "
+                                f"it finishes (a writer that died frees it {TTL:.0f} s after its "
+                                "last renewal)") from None
+        lost = self.lease.check()
+        if lost:
+            raise StoreError(f"{self.where}: stopped writing, {lost}; another writer may be "
+                             "using the collection (rerun to resume when it is done)")
+
+    def _companion(self) -> None:
+        """Create the metadata collection if missing (two writers may race to: fine), never
+        beside a collection with points that is not phisearch's."""
+        with self._errors("create collection"):
+            if self.client.collection_exists(self.meta_name):
+                return
+            if self.client.collection_exists(self.name) and self.count() > 0:
+                raise StoreError(f"{self.where} holds points but no phisearch metadata; not a "
+                                 "phisearch collection? delete it to rebuild")
+            try:
+                self.client.create_collection(self.meta_name, vectors_config=models.VectorParams(
+                    size=1, distance=models.Distance.DOT))
+            except Exception:
+                if not self.client.collection_exists(self.meta_name):
+                    raise
+
     # -- metadata and documents -------------------------------------------------------------
     def _get_record(self, pid: str) -> dict | None:
         try:
@@ -125,7 +163,19 @@ class ServerStore(Store):
         return self._get_record(META_ID)
 
     def ensure(self, meta: dict) -> None:
+        """Write commands start here: the write lease is taken first and held until close()."""
         meta = prepare_meta(meta)
+        took = not self.lease.held
+        self._companion()   # the lease lives there
+        self._writing()
+        try:
+            self._ensure(meta)
+        except BaseException:
+            if took:
+                self.lease.release()
+            raise
+
+    def _ensure(self, meta: dict) -> None:
         stored = self.meta()
         if stored is not None:
             check_meta(stored, meta, self.where)
@@ -146,9 +196,6 @@ class ServerStore(Store):
                 schema = models.PayloadSchemaType.INTEGER if kind == "integer" else \
                     models.PayloadSchemaType.KEYWORD
                 self.client.create_payload_index(self.name, field, field_schema=schema, wait=True)
-            if not self.client.collection_exists(self.meta_name):
-                self.client.create_collection(self.meta_name, vectors_config=models.VectorParams(
-                    size=1, distance=models.Distance.DOT))
         self._put_record(META_ID, "__meta__", meta)   # last: the collection now exists
         self._dim = meta["dim"]
 
@@ -158,6 +205,7 @@ class ServerStore(Store):
     def put_doc(self, name: str, doc: dict) -> None:
         if self.meta() is None:
             raise StoreError(f"{self.where} does not exist yet: call ensure() before put_doc()")
+        self._writing()
         self._put_record(_doc_id(check_name(name, "doc")), name, doc)
 
     # -- points -------------------------------------------------------------------------------
@@ -186,6 +234,7 @@ class ServerStore(Store):
 
     def upsert(self, points: list[PointData]) -> None:
         self._need()
+        self._writing()
         for i in range(0, len(points), 256):
             batch = [models.PointStruct(id=p.id, payload=plain(p.payload), vector={
                 DENSE: dense_list(p, self._dim),
@@ -247,6 +296,7 @@ class ServerStore(Store):
 
     def set_payload(self, updates: dict[str, dict]) -> None:
         self._need()
+        self._writing()
         ops = [models.SetPayloadOperation(set_payload=models.SetPayload(payload=fields,
                                                                         points=ids[i:i + 4096]))
                for fields, ids in group_payloads(updates).values()
@@ -262,6 +312,7 @@ class ServerStore(Store):
             return 0
         flt = self._filter(filter, [str(i) for i in ids] if ids is not None else None)
         try:
+            self._writing()   # a collection that does not exist: Missing, nothing to delete
             with self._errors("delete"):
                 n = int(self.client.count(self.name, count_filter=flt, exact=True).count)
                 if n:
@@ -277,8 +328,10 @@ class ServerStore(Store):
                 if self.client.collection_exists(name):
                     self.client.delete_collection(name)
         self._dim = None
+        self.lease.forget()   # it went with the companion
 
     def close(self) -> None:
+        self.lease.release()
         if self.owns_client:
             with self._errors("close"):
                 self.client.close()
@@ -303,6 +356,7 @@ class ServerStore(Store):
         meta = companion(main[name], metas)
         recover(self.client, self.cfg, self.where, [(self.name, main[name])] +
                 ([(self.meta_name, meta)] if meta is not None else []))
+        self.lease.forget()   # the companion (and any lease in it) is the snapshot's now
         return {"name": name, "collection": self.name, "points": self.count()}
 
 

@@ -28,6 +28,16 @@ m2.metric("Shards done", info["shards_done"])
 m3.metric("Shards pending", info["shards_pending"])
 m4.metric("Skipped samples", sum(info["skipped"].values()))
 
+away = info.get("unavailable") or []
+if away:
+    st.warning(f"{len(away)} folder paths could not be read at the last sync (a drive that is "
+               f"away, a folder that cannot be listed): their {sum(a['kept'] for a in away)} "
+               "points are kept, not deleted, and synced again once the paths are readable.")
+    st.dataframe(pd.DataFrame([{
+        "path": a["path"], "state": a["reason"], "points kept": a["kept"],
+        "since": when(a.get("since")), "why": a["detail"], "folder": a["folder"],
+    } for a in away]), hide_index=True, width="stretch")
+
 cl = info.get("clustering")
 st.subheader("Clustering")
 if cl is None:

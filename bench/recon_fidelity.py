@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from phisearch.indexer.cli.common import default_store
-from phisearch.indexer.model.embedder import Embedder
+from phisearch.search.query import embedder_for
 from phisearch.indexer.model.phi import as_uint8
 from phisearch.indexer.store import StoreConfig, open_store, point_id
 from phisearch.search import recon_report
@@ -75,7 +75,7 @@ def main() -> None:
         meta = st.meta()
     if meta is None:
         raise SystemExit(f"no collection {args.collection} in {args.store}: run idx build first")
-    emb = Embedder.from_meta(meta, "cpu")
+    emb = embedder_for(meta, "cpu")   # the whole identity checked (a refitted readout too)
     model = emb.checkpoint.model.eval()
     imgs, labels, keys = load_split(args.queries)
     pick = balanced(labels, args.targets)

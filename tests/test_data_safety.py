@@ -310,6 +310,29 @@ def test_changed_shard_keeps_the_points_of_a_shard_with_its_name_elsewhere(
     assert recs[a]["deleted"] == 2 and "deleted" not in recs[b]
 
 
+def test_remove_by_a_shard_name_two_folders_share_asks_for_the_path(tmp_path, mini_shard,
+                                                                    tiny_ckpt):
+    """`idx remove --shard NAME` matched the file name only, like the sweep of item 3: it took
+    both folders' points. A shared name is now refused; a path removes that shard alone."""
+    from phisearch.indexer.manage.remove import remove, selection
+    from phisearch.indexer.store import StoreError
+
+    rows = read_samples(mini_shard, 8)
+    a = write_shard(named(tmp_path / "a", "same") / "shard-000000.tar", rows[:4])
+    b = write_shard(named(tmp_path / "b", "same") / "shard-000000.tar", rows[4:])
+    store = tmp_path / "store"
+    assert build(shard_cfg(store, [a, b], tiny_ckpt))["points"] == 8
+    cfg = StoreConfig(path=str(store))
+    with pytest.raises(StoreError, match="names 2 shards in different folders"):
+        remove(cfg, selection(shard="shard-000000.tar"))
+    assert len(keys_in(store)) == 8
+    out = remove(cfg, selection(shard=str(tmp_path / "b" / "shard-000000.tar")))
+    assert out["deleted"] == 4 and out["records_removed"] == [b]
+    assert set(keys_in(store).values()) == {a}
+    again = build(shard_cfg(store, [a, b], tiny_ckpt))   # a stays done, b comes back
+    assert (again["shards_already_done"], again["points"]) == (1, 8)
+
+
 def test_key_in_two_shards_is_kept_from_the_first_and_reported(tmp_path, mini_shard,
                                                                tiny_ckpt, caplog):
     rows = read_samples(mini_shard, 8)

@@ -34,6 +34,9 @@ def selection(key: str | None = None, shard: str | None = None, dataset: str | N
     for name, value in (("key", key), ("shard", shard), ("dataset", dataset)):
         if value is not None:
             flt[name] = value
+    if shard is not None and "/" in shard:   # a path names one shard: its resolved path
+        del flt["shard"]
+        flt["shard_url"] = shard_key(shard)
     if not flt:
         raise StoreError("say what to remove: --key, --shard, --dataset or --filter")
     unknown = sorted(set(flt) - set(PAYLOAD_KEYS))
@@ -62,6 +65,9 @@ def remove(cfg: StoreConfig, flt: dict, confirm: Callable[[int], bool] = lambda 
                 folder_keys[url].add(hit.payload["key"])
             elif url:
                 shard_urls.add(url)
+        if isinstance(flt.get("shard"), str) and len(shard_urls) > 1:
+            raise StoreError(f"--shard {flt['shard']} names {len(shard_urls)} shards in different "
+                             f"folders ({', '.join(sorted(shard_urls))}): give its path")
         result = {"matched": matched, "deleted": 0, "records_removed": [],
                   "collection": store.name}
         if dry_run or matched == 0 or not confirm(matched):
@@ -70,7 +76,7 @@ def remove(cfg: StoreConfig, flt: dict, confirm: Callable[[int], bool] = lambda 
         # Points written before records were keyed by resolved path carry the path as typed:
         # match on the resolved path too, and on the file name (clearing one record too many
         # only makes a later build index that shard again; never the other way round).
-        names = {os.path.basename(u) for u in shard_urls}
+        names = {os.path.basename(u) for u in shard_urls if not os.path.isabs(u)}
         keys = shard_urls | {shard_key(u) for u in shard_urls}
         gone = sorted(u for u in records if u in keys or os.path.basename(u) in names)
         # Records first: an interruption after this leaves data to re-index, never a record

@@ -309,3 +309,22 @@ def test_sqrt_readout_round_trip_through_fit_readout(tiny_ckpt: Path, mini_shard
     np.testing.assert_allclose(r.concat(feats), np.sqrt(raw), rtol=1e-6)
     v = r.vectors(feats)
     assert v.shape == (3, 6) and np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+
+
+def test_a_protocol_sharing_its_gallery_embeds_only_its_own_queries(
+        tiny_ckpt: Path, mini_shard: str, tmp_path: Path) -> None:
+    """Queries and gallery are cached apart: validation and test queries against one gallery
+    pay for the gallery once, and the vectors are those of a pass over everything."""
+    base = dict(extra=(), readouts=("mid",), limit_gallery=40, queries_per_class=1)
+    cached = dict(base, cache_dir=str(tmp_path / "cache"))
+    val = ev.evaluate(str(tiny_ckpt), [mini_shard], [mini_shard],
+                      settings=ev.EvalSettings(queries_skip_per_class=1, **cached))
+    files = set((tmp_path / "cache").iterdir())
+    test = ev.evaluate(str(tiny_ckpt), [mini_shard], [mini_shard],
+                       settings=ev.EvalSettings(**cached))
+    new = set((tmp_path / "cache").iterdir()) - files
+    # one new file per network pass: the test queries only (the gallery parts were found)
+    assert len(new) == len([p for p in test["settings"]["passes"].values()])
+    assert test["settings"]["queries"]["count"] == 10 == val["settings"]["queries"]["count"]
+    fresh = ev.evaluate(str(tiny_ckpt), [mini_shard], [mini_shard], settings=ev.EvalSettings(**base))
+    assert test["representations"] == fresh["representations"]

@@ -1,7 +1,8 @@
 """One writer at a time on the server backend (indexer/store/lease.py), as Edge's lock gives on a
 folder: a second writer is refused with one line naming the holder (host, pid, since, until),
 proceeds once the first closes, takes over a lease that expired (a writer that crashed), and a
-reader is never blocked. A build holds the lease from its first write to its end. Run on
+reader is never blocked. A build holds the lease from its first write to its end; `idx cluster`
+and `idx remove` are refused before their work (claim_write). Run on
 qdrant-client's local mode (conftest's "server-local") and on a real server when QDRANT_URL is
 set ("server-url"). Expiry is simulated by writing a lease whose expiry is past: no sleeping."""
 
@@ -271,3 +272,66 @@ def test_idx_build_against_a_held_collection_exits_1_with_one_line(cfg, mini_sha
         assert f"pid {os.getpid()}" in lines[0] and "its lease expires" in lines[0]
     finally:
         holder.close()
+
+
+def test_idx_cluster_is_refused_before_any_clustering_work(cfg, monkeypatch):
+    """`idx cluster` claims the lease before it reads a vector: a busy collection refuses it at
+    once (out of claim_write), not after the clustering was computed, and nothing is written."""
+    from phisearch.indexer.manage import cluster as clustering
+
+    with open_store(cfg) as s:
+        s.ensure(META)
+        s.upsert(make_points(40)[0])
+    entered: list[str] = []
+    for name in ("read_vectors", "project", "fit_assign", "write_labels"):
+        def entering(*a: Any, _name: str = name, _real: Any = getattr(clustering, name),
+                     **kw: Any) -> Any:
+            entered.append(_name)
+            return _real(*a, **kw)
+        monkeypatch.setattr(clustering, name, entering)
+    holder = open_store(cfg)   # a running build, as far as the lease goes
+    holder.ensure(META)
+    try:
+        with pytest.raises(StoreBusy, match="in use by another process") as ei:
+            clustering.cluster(cfg, clustering.ClusterConfig(method="kmeans", k=3))
+        assert entered == []
+        assert "claim_write" in [entry.name for entry in ei.traceback]
+        assert [n["token"] for n in leases(cfg)] == [holder.lease.token]   # nothing left behind
+        with open_store(cfg) as reader:
+            assert reader.get_doc("clusters") is None
+            assert all("cluster_id" not in h.payload for h in reader.scroll())
+    finally:
+        holder.close()
+    result = clustering.cluster(cfg, clustering.ClusterConfig(method="kmeans", k=3))
+    assert entered == ["read_vectors", "project", "fit_assign", "write_labels"]
+    assert result["clusters"] == 3 and result["points"] == 40
+    assert leases(cfg) == []   # given back at the end
+
+
+def test_idx_remove_is_refused_before_it_counts_and_a_dry_run_is_not(cfg):
+    """`idx remove` claims the lease before it counts, so nobody is asked to confirm a delete that
+    is then refused; a dry run only reads and is answered while another writer holds it."""
+    from phisearch.indexer.manage.remove import remove
+
+    with open_store(cfg) as s:
+        s.ensure(META)
+        s.upsert(make_points(20)[0])
+    asked: list[int] = []
+
+    def confirm(n: int) -> bool:
+        asked.append(n)
+        return True
+
+    holder = open_store(cfg)
+    holder.ensure(META)
+    try:
+        with pytest.raises(StoreBusy, match="in use by another process") as ei:
+            remove(cfg, {"label": 3}, confirm)
+        assert asked == []
+        assert "claim_write" in [entry.name for entry in ei.traceback]
+        assert remove(cfg, {"label": 3}, confirm, dry_run=True)["matched"] == 2 and asked == []
+        assert holder.count() == 20
+    finally:
+        holder.close()
+    assert remove(cfg, {"label": 3}, confirm)["deleted"] == 2 and asked == [2]
+    assert leases(cfg) == []

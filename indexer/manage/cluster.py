@@ -394,6 +394,7 @@ def cluster(store_cfg: StoreConfig, cfg: ClusterConfig, on_progress: Progress | 
         meta = store.meta()
         if meta is None:
             raise StoreError(missing_collection(store_cfg))
+        store.claim_write()   # a busy collection refuses now, not after the clustering
         n = store.count()
         if cfg.method == "kmeans" and cfg.k > n:   # k-means would quietly find fewer clusters
             raise StoreError(f"k-means cannot make {cfg.k} clusters of the {n} points in "

@@ -55,6 +55,8 @@ def remove(cfg: StoreConfig, flt: dict, confirm: Callable[[int], bool] = lambda 
     with open_store(cfg) as store:
         if store.meta() is None:
             raise StoreError(missing_collection(cfg, "nothing to remove"))
+        if not dry_run:   # refused now if another writer holds it, not after the confirmation
+            store.claim_write()
         shard_urls: set[str] = set()
         folder_keys: dict[str, set[str]] = defaultdict(set)   # folder root -> relpaths
         matched = 0

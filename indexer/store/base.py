@@ -259,6 +259,11 @@ class Store(ABC):
     @abstractmethod
     def ensure(self, meta: dict) -> None: ...
     @abstractmethod
+    def claim_write(self) -> None:
+        """About to write: take now what a writer needs (a server's write lease), so that a
+        collection busy with another writer is refused (StoreBusy) before a command spends
+        minutes on work it cannot write. Held until close(); repeated calls are no-ops."""
+    @abstractmethod
     def upsert(self, points: list[PointData]) -> None: ...
     @abstractmethod
     def count(self, filter: dict | None = None) -> int: ...

@@ -153,6 +153,9 @@ class EdgeStore(Store):
         files.write_json(self.dir / "meta.json", meta)   # last: the collection now exists
         self._dim = meta["dim"]
 
+    def claim_write(self) -> None:
+        """Nothing to take: the collection's lock was taken at open (one handle, any use)."""
+
     def upsert(self, points: list[PointData]) -> None:
         qe, shard = self.qe, self._need()
         if self._dim is None:

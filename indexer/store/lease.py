@@ -3,8 +3,9 @@
 Why: the Edge backend has its file lock (lock.py), but a Qdrant server is shared by processes on
 other hosts (deploy/docker-compose.yml's `indexer` and `indexer-gpu`), where no file lock reaches,
 and two builds into one collection overwrite each other's resume records. So a writer takes a
-lease before its first write (ServerStore.ensure(), where every build starts, or the first
-write of a command that never calls it), renews it while it runs and gives it back at close().
+lease before its first write (ServerStore.ensure(), where every build starts; claim_write(),
+where `idx cluster` and `idx remove` start, so that a busy collection refuses them before their
+work; else the first write), renews it while it runs and gives it back at close().
 Readers never look at it, so they are never blocked.
 
 The lease: one point per writer in `<collection>__phisearch_meta` (never a point of the

@@ -232,9 +232,13 @@ class ServerStore(Store):
                 raise StoreError(f"{self.where} does not exist yet (run idx build first)")
             self._dim = m["dim"]
 
-    def upsert(self, points: list[PointData]) -> None:
+    def claim_write(self) -> None:
+        """The write lease now, as the first write would take it (never creates anything)."""
         self._need()
         self._writing()
+
+    def upsert(self, points: list[PointData]) -> None:
+        self.claim_write()
         for i in range(0, len(points), 256):
             batch = [models.PointStruct(id=p.id, payload=plain(p.payload), vector={
                 DENSE: dense_list(p, self._dim),
@@ -295,8 +299,7 @@ class ServerStore(Store):
                 return
 
     def set_payload(self, updates: dict[str, dict]) -> None:
-        self._need()
-        self._writing()
+        self.claim_write()
         ops = [models.SetPayloadOperation(set_payload=models.SetPayload(payload=fields,
                                                                         points=ids[i:i + 4096]))
                for fields, ids in group_payloads(updates).values()

@@ -10,7 +10,8 @@ ceiling: retrieval from the real image).
 
     python bench/recon_fidelity.py --queries $D/imagenette-test-000000.tar --targets 50 -n 4
 
-Writes bench/results/recon_fidelity.json.
+Writes bench/results/recon_fidelity.json. The functions below are also what
+bench/recon_schedules.py scores several schedules with.
 """
 
 from __future__ import annotations
@@ -19,18 +20,23 @@ import argparse
 import json
 import platform
 import time
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from phisearch.indexer.cli.common import default_store
-from phisearch.search.query import embedder_for
+from phisearch.indexer.model.embedder import Embedder
 from phisearch.indexer.model.phi import as_uint8
+from phisearch.indexer.model.unet import UNet
 from phisearch.indexer.store import StoreConfig, open_store, point_id
 from phisearch.search import recon_report
 from phisearch.search import reconstruct as R
 from phisearch.search.evaluate import load_split
+from phisearch.search.query import embedder_for
+
+UNGUIDED_SEED_OFFSET = 10_000    # unguided samples draw from seed + this (guided: seed + target)
 
 
 def balanced(labels: np.ndarray, total: int) -> np.ndarray:
@@ -53,6 +59,83 @@ def top10_majority(store, vectors: np.ndarray, exclude: list[str]) -> list[objec
     return out
 
 
+@dataclass
+class Targets:
+    """The labelled test images reconstructed, and the ids of their own points (left out)."""
+
+    images: np.ndarray      # (T, 64, 64, 3) uint8
+    labels: np.ndarray      # (T,)
+    keys: list[str]
+    ids: list[str]
+
+
+def load_targets(queries: str, total: int) -> Targets:
+    """`total` images of the shards, balanced over classes (balanced())."""
+    imgs, labels, keys = load_split(queries)
+    pick = balanced(labels, total)
+    keys = [keys[i] for i in pick]
+    return Targets(imgs[pick], labels[pick], keys, [point_id(*k.split("/", 1)) for k in keys])
+
+
+def open_collection(cfg: StoreConfig) -> tuple[dict, Embedder]:
+    """The collection's metadata and its embedder (the whole identity checked, a refitted
+    readout too); exits with one line when there is no collection."""
+    with open_store(cfg) as st:
+        meta = st.meta()
+    if meta is None:
+        raise SystemExit(f"no collection {cfg.collection} in {cfg.path or cfg.url}: run idx "
+                         "build first")
+    return meta, embedder_for(meta, "cpu")
+
+
+def unguided(sch: R.Schedule) -> R.Schedule:
+    """The same sampler with no guidance: what chance looks like for its images."""
+    return replace(sch, inner_steps=0)
+
+
+def draw_guided(model: UNet, images: np.ndarray, n: int, sch: R.Schedule, seed: int,
+                emb: Embedder, batch_targets: int = 10,
+                progress: Callable[[str], None] | None = print
+                ) -> tuple[np.ndarray, list[float], float]:
+    """n σ-matched samples per target image, target-major, in batches of targets (batch i
+    seeded seed + i): (samples (T n, H, W, 3) uint8, φ relative errors, seconds)."""
+    t0 = time.perf_counter()
+    out, errors = [], []
+    for i in range(0, len(images), batch_targets):
+        rec = R.reconstruct(model, images=images[i:i + batch_targets], n=n, sch=sch,
+                            seed=seed + i, phi_config=emb.phi)
+        out.append(as_uint8(rec.samples))
+        errors.extend(rec.phi_rel_error.tolist())
+        if progress is not None:
+            progress(f"guided: {min(i + batch_targets, len(images))}/{len(images)} targets "
+                     f"({time.perf_counter() - t0:.0f} s)")
+    return np.concatenate(out), errors, time.perf_counter() - t0
+
+
+def draw_unguided(model: UNet, count: int, sch: R.Schedule, seed: int
+                  ) -> tuple[np.ndarray, float]:
+    """count samples of sch without guidance, one batch seeded seed + UNGUIDED_SEED_OFFSET:
+    (samples uint8, seconds)."""
+    t0 = time.perf_counter()
+    rec = R.reconstruct(model, None, n=count, sch=unguided(sch),
+                        seed=seed + UNGUIDED_SEED_OFFSET)
+    return as_uint8(rec.samples), time.perf_counter() - t0
+
+
+def keeps_class(store, emb: Embedder, samples: np.ndarray, want: np.ndarray,
+                exclude: list[str]) -> tuple[np.ndarray, list[object], np.ndarray]:
+    """Per image: does the majority label of its top 10 (the `exclude` point left out) equal
+    `want`? (ok (N,) bool, majorities, middle-block means (N, C) of the images.)"""
+    vec, mid = emb(samples)
+    maj = top10_majority(store, vec, exclude)
+    return np.array([m == w for m, w in zip(maj, want)], bool), maj, mid
+
+
+def per_target_majority(maj: list[object], labels: np.ndarray, n: int) -> np.ndarray:
+    """(T,) does the majority over each target's n samples' majorities equal its label?"""
+    return np.array([majority(maj[t * n:(t + 1) * n]) == labels[t] for t in range(len(labels))])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--queries", required=True, help="Labelled test shard(s).")
@@ -71,52 +154,26 @@ def main() -> None:
     args = ap.parse_args()
 
     cfg = StoreConfig(path=args.store, collection=args.collection)
-    with open_store(cfg) as st:
-        meta = st.meta()
-    if meta is None:
-        raise SystemExit(f"no collection {args.collection} in {args.store}: run idx build first")
-    emb = embedder_for(meta, "cpu")   # the whole identity checked (a refitted readout too)
+    meta, emb = open_collection(cfg)
     model = emb.checkpoint.model.eval()
-    imgs, labels, keys = load_split(args.queries)
-    pick = balanced(labels, args.targets)
-    imgs, labels, keys = imgs[pick], labels[pick], [keys[i] for i in pick]
-    ids = [point_id(*k.split("/", 1)) for k in keys]
+    tg = load_targets(args.queries, args.targets)
+    imgs, labels = tg.images, tg.labels
     over = {"levels": args.levels, "inner_steps": args.inner_steps, "lr": args.lr,
             "tol": args.tol}
     sch = R.schedule(args.schedule, **over)
-    unguided_sch = R.schedule(args.schedule, **dict(over, inner_steps=0))
 
-    t0 = time.perf_counter()
-    guided, errors = [], []
-    for i in range(0, len(imgs), args.batch_targets):
-        rec = R.reconstruct(model, images=imgs[i:i + args.batch_targets], n=args.n, sch=sch,
-                            seed=args.seed + i, phi_config=emb.phi)
-        guided.append(as_uint8(rec.samples))
-        errors.extend(rec.phi_rel_error.tolist())
-        print(f"guided: {min(i + args.batch_targets, len(imgs))}/{len(imgs)} targets "
-              f"({time.perf_counter() - t0:.0f} s)", flush=True)
-    t_guided = time.perf_counter() - t0
-    guided_u8 = np.concatenate(guided)
-    t0 = time.perf_counter()
-    rec = R.reconstruct(model, None, n=len(guided_u8), sch=unguided_sch, seed=args.seed + 10_000)
-    unguided_u8 = as_uint8(rec.samples)
-    t_unguided = time.perf_counter() - t0
+    guided_u8, errors, t_guided = draw_guided(
+        model, imgs, args.n, sch, args.seed, emb, args.batch_targets,
+        progress=lambda s: print(s, flush=True))
+    unguided_u8, t_unguided = draw_unguided(model, len(guided_u8), sch, args.seed)
 
     target_of = np.repeat(np.arange(len(imgs)), args.n)
+    want, skip = labels[target_of], [tg.ids[t] for t in target_of]
     with open_store(StoreConfig(path=args.store, collection=args.collection, busy_wait=60)) as st:
-        g_vec, _ = emb(guided_u8)
-        u_vec, _ = emb(unguided_u8)
-        r_vec, _ = emb(imgs)
-        skip = [ids[t] for t in target_of]
-        g_maj = top10_majority(st, g_vec, skip)
-        u_maj = top10_majority(st, u_vec, skip)
-        r_maj = top10_majority(st, r_vec, ids)
-    want = labels[target_of]
-    g_ok = np.array([m == w for m, w in zip(g_maj, want)])
-    u_ok = np.array([m == w for m, w in zip(u_maj, want)])
-    r_ok = np.array([m == w for m, w in zip(r_maj, labels)])
-    per_target = np.array([majority([g_maj[j] for j in np.flatnonzero(target_of == t)]) == labels[t]
-                           for t in range(len(imgs))])
+        g_ok, g_maj, _ = keeps_class(st, emb, guided_u8, want, skip)
+        u_ok, _, _ = keeps_class(st, emb, unguided_u8, want, skip)
+        r_ok, _, _ = keeps_class(st, emb, imgs, labels, tg.ids)
+    per_target = per_target_majority(g_maj, labels, args.n)
     result = {
         "store": args.store, "collection": args.collection, "points": None,
         "checkpoint": meta.get("checkpoint"), "model_sha256": meta["model_sha256"],

@@ -171,3 +171,49 @@ def duration_text(seconds: float) -> str:
         return f"{max(1, math.ceil(seconds))} s"
     minutes = math.ceil(seconds / 60)
     return f"{minutes} min" if minutes < 90 else f"{minutes // 60} h {minutes % 60} min"
+
+
+# ----------------------------------------------------------------------------- image statistics
+
+# Radial frequency (cycles per pixel) above which high_freq_fraction counts energy: 1/16 is
+# 4 cycles across a 64-pixel image, so blobs and colour washes fall below it and edges and
+# texture above it.
+HIGH_FREQ_CUTOFF = 1 / 16
+FLAT_STD = 0.02               # pixel_std below this (about 5 of 255 levels) reads as a flat image
+
+
+def pixel_std(images: np.ndarray) -> np.ndarray:
+    """(N,) spatial contrast of (N, H, W, 3) uint8 images: each channel's standard deviation
+    over the pixels, on the [0, 1] scale, averaged over channels. A flat colour gives 0; a real
+    64x64 photo about 0.2."""
+    x = np.asarray(images, np.float64) / 255.0
+    return x.std(axis=(1, 2)).mean(axis=-1)
+
+
+def high_freq_fraction(images: np.ndarray, cutoff: float = HIGH_FREQ_CUTOFF) -> np.ndarray:
+    """(N,) the share of each image's spectral energy (luminance, mean removed, Hann-windowed so
+    the image's borders add no false edges; the DC term left out) at radial frequencies above
+    `cutoff` cycles per pixel. 0 for an image with no contrast at all; low for blobs, higher for
+    photos, highest for pixel noise and checkerboards."""
+    x = np.asarray(images, np.float64) / 255.0
+    lum = x @ np.array([0.299, 0.587, 0.114])                       # (N, H, W)
+    lum = lum - lum.mean(axis=(1, 2), keepdims=True)
+    h, w = lum.shape[1:]
+    power = np.abs(np.fft.fft2(lum * np.outer(np.hanning(h), np.hanning(w)))) ** 2
+    fy, fx = np.meshgrid(np.fft.fftfreq(h), np.fft.fftfreq(w), indexing="ij")
+    radius = np.hypot(fy, fx)
+    power[:, radius == 0] = 0.0
+    total = power.sum(axis=(1, 2))
+    high = power[:, radius > cutoff].sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 1e-12 * h * w, high / total, 0.0)
+
+
+def image_stats(images: np.ndarray) -> dict[str, float]:
+    """Does a set of (N, H, W, 3) uint8 images look like photos? The means of pixel_std and
+    high_freq_fraction, and the share of flat images (pixel_std < FLAT_STD); compare them with
+    the same numbers for real images."""
+    std = pixel_std(images)
+    return {"pixel_std": round(float(std.mean()), 4),
+            "high_freq_fraction": round(float(high_freq_fraction(images).mean()), 4),
+            "flat_fraction": round(float((std < FLAT_STD).mean()), 4)}

@@ -73,10 +73,15 @@ def psnr_images() -> dict[str, object]:
     return {"tiny-val": tiny, "imagenette-val": nette}
 
 
-def score(path: Path, protocols: list[str], cache: str | None, images: dict) -> dict:
+def score(path: Path, protocols: list[str], cache: str | None, images: dict,
+          origin_cpu_seconds: float | None = None) -> dict:
+    """One checkpoint's row. `origin_cpu_seconds`: the arm's CPU-minutes count from there (a
+    branch of another run's folder, Adam state and all), else from its warm start."""
     c = ckpt.load(path)
+    cpu = arm_cpu_minutes(c.info) if origin_cpu_seconds is None else \
+        round((c.info.get("train_cpu_seconds", 0.0) - origin_cpu_seconds) / 60, 1)
     row: dict = {"checkpoint": str(path.relative_to(REPO)), "steps": c.info.get("steps"),
-                 "epochs": c.info.get("epochs"), "cpu_minutes": arm_cpu_minutes(c.info),
+                 "epochs": c.info.get("epochs"), "cpu_minutes": cpu,
                  "model_sha256": c.sha256[:12], "knn@10": {}, "nmi": {}, "psnr_0.1": {}}
     for name in protocols:
         queries, gallery, sel = PROTOCOLS[name]
@@ -118,7 +123,9 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--name", required=True, help="bench/results/recipe_NAME.json")
-    ap.add_argument("--arm", action="append", default=[], help="LABEL=RUN_FOLDER (repeatable)")
+    ap.add_argument("--arm", action="append", default=[],
+                    help="LABEL=RUN_FOLDER[@CPU_SECONDS] (repeatable; @: CPU-minutes count from "
+                         "that train_cpu_seconds, the branch point of a copied run folder)")
     ap.add_argument("--checkpoint", action="append", default=[],
                     help="LABEL=CHECKPOINT: a fixed checkpoint scored as a reference row")
     ap.add_argument("--weights", default="both", choices=("last", "ema", "both"))
@@ -130,20 +137,21 @@ def main() -> None:
     doc = json.loads(out.read_text()) if out.is_file() else {"rows": []}
     if not args.table_only:
         images = psnr_images()
-        todo: list[tuple[str, str, Path]] = []
+        todo: list[tuple[str, str, Path, float | None]] = []
         for spec in args.arm:
             label, run = spec.split("=", 1)
+            run, _, origin = run.partition("@")
             for w in (("last", "ema") if args.weights == "both" else (args.weights,)):
                 snap = snapshot(Path(run), w)
                 if snap is not None:
-                    todo.append((label, w, snap))
+                    todo.append((label, w, snap, float(origin) if origin else None))
         for spec in args.checkpoint:
             label, path = spec.split("=", 1)
-            todo.append((label, "fixed", ckpt.resolve(path)))   # cpu_minutes: not an arm's
-        for label, w, path in todo:
+            todo.append((label, "fixed", ckpt.resolve(path), None))   # not an arm's minutes
+        for label, w, path, origin in todo:
             t0 = time.perf_counter()
             row = dict(arm=label, weights=w, **score(path, args.protocols.split(","),
-                                                     args.cache, images))
+                                                     args.cache, images, origin))
             if w == "fixed":
                 row["cpu_minutes"] = None
             row["seconds"] = round(time.perf_counter() - t0, 1)

@@ -23,18 +23,33 @@ def _order(reps: Sequence[str]) -> list[str]:
     return seen + [r for r in reps if r not in seen]
 
 
+def _files(part: dict) -> str:
+    """The shard names of a split (the first and last of a long list)."""
+    names = [u.rsplit("/", 1)[-1] for u in part["urls"]]
+    return ", ".join(names) if len(names) <= 4 else \
+        f"{len(names)} shards: {names[0]} … {names[-1]}"
+
+
+def _subset(s: dict, which: str) -> str:
+    n = s.get(f"{which}_per_class")
+    skip = s.get(f"{which}_skip_per_class") or 0
+    if not n:
+        return ""
+    return f"; {n} of each class" + (f" after the first {skip}" if skip else "")
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The result as a markdown table (one row per representation)."""
     s = result["settings"]
     cached = set(s.get("cached_representations", ()))
-    q_files = ", ".join(u.rsplit("/", 1)[-1] for u in s["queries"]["urls"])
-    g_files = ", ".join(u.rsplit("/", 1)[-1] for u in s["gallery"]["urls"])
+    q_files, g_files = _files(s["queries"]), _files(s["gallery"])
     lines = [f"# idx eval: `{result['checkpoint']}`", ""]
     lines.append(f"- model sha256 `{result['model_sha256'][:16]}…`; readout of `phi`: "
                  f"`{result['readout']}`; φ σ={s['sigma']:g}, draws={s['draws']}, "
                  f"seed={s['seed']}")
     lines.append(f"- queries: {s['queries']['count']} images, {s['queries']['classes']} classes "
-                 f"({q_files}); gallery: {s['gallery']['count']} images ({g_files}); "
+                 f"({q_files}{_subset(s, 'queries')}); gallery: {s['gallery']['count']} images "
+                 f"({g_files}{_subset(s, 'gallery')}); "
                  f"self-matches left out: {s['excluded_self_matches']}")
     for rep, note in s["whitening"].items():
         lines.append(f"- whitening of `{rep}`: {note}")

@@ -1,0 +1,162 @@
+"""Evaluate a Tiny ImageNet training run's weights and ship them as the built-in `small64` when
+they qualify (issue 26's rule). Every step is a command that could be run by hand:
+
+ 1. snapshot RUN/{model,ema}.safetensors into runs/ship/ (the run keeps training);
+ 2. bench/recipe_score.py rows for the snapshot and the shipped weights on the four protocols of
+    bench/protocols.py (tiny-val, imagenette-val: validation; tiny-test, imagenette-test: test),
+    the default readout's whitening fitted on each gallery for both -> bench/results/
+    recipe_ship.json;
+ 3. the rule: ship when Tiny ImageNet validation kNN@10 rises for the default readout or the
+    paper's φ, and no test kNN@10 of either falls by more than the noise of its queries (one
+    binomial standard error at p = 0.5: 0.011 for 2,010 Tiny queries, 0.016 for 1,000 Imagenette);
+ 4. idx fit-readout on Tiny ImageNet training images (the first 10,050 in shard order; K = 128
+    default, 256 beside it);
+ 5. idx denoise-eval on 1,000 Tiny ImageNet val and 1,000 Imagenette test images;
+ 6. checkpoint.ship: fp16 copy into indexer/model/checkpoints/small64.*;
+ 7. idx eval --sigmas '' of the shipped file on tiny-test and imagenette-test ->
+    bench/results/eval_small64_tiny.{json,md} and eval_small64.{json,md}, summarized in its JSON.
+
+    OMP_NUM_THREADS=1 python scripts/ship_tiny.py --run runs/tiny-warm --weights ema [--dry-run]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+sys.path.insert(0, str(REPO / "scripts"))
+from protocols import PROTOCOLS, TINY, TINY_TRAIN, cli_args  # noqa: E402
+from ship_small64 import IDX, RESULTS, run, snapshot  # noqa: E402
+
+NOISE = {"tiny": 0.011, "imagenette": 0.016}
+READOUT = "blocks+white128+l2"
+
+
+def decide(old: dict, new: dict) -> tuple[bool, list[str]]:
+    """The rule on two recipe_score rows; returns (ship?, one line per set and readout)."""
+    lines, rises, falls = [], False, False
+    for s in ("tiny", "imagenette"):
+        for rep, name in (("phi", READOUT), ("phi_mid_raw", "mid")):
+            v0, v1 = old["knn@10"][f"{s}-val"][rep], new["knn@10"][f"{s}-val"][rep]
+            t0, t1 = old["knn@10"][f"{s}-test"][rep], new["knn@10"][f"{s}-test"][rep]
+            rises |= s == "tiny" and v1 > v0
+            falls |= t1 - t0 < -NOISE[s]
+            lines.append(f"{s} {name}: val {v0:.3f} -> {v1:.3f} ({v1 - v0:+.3f}), "
+                         f"test {t0:.3f} -> {t1:.3f} ({t1 - t0:+.3f}, noise {NOISE[s]})")
+    return rises and not falls, lines
+
+
+def cpu_minutes(prev: dict, info: dict) -> dict:
+    """The training compute behind the weights: the Imagenette record small64 carried before
+    its first Tiny ImageNet ship, plus this run's process CPU time since its warm start."""
+    import recipe_score as rs
+
+    before = prev.get("cpu_minutes", {})
+    before = before.get("imagenette", before)
+    tiny = rs.arm_cpu_minutes(info)
+    return {"imagenette": before, "tiny imagenet": tiny,
+            "total": round(before.get("total", 0) + tiny, 1),
+            "how": "tiny imagenet: the run's train_cpu_seconds (process CPU time inside the "
+                   "steps, all threads) less that of the checkpoint it warm-started from; "
+                   "imagenette: small64's record before"}
+
+
+def eval_summary(ev: dict, where: str) -> dict:
+    reps = ev["representations"]
+    keys = ("phi", "phi_mid_raw", "pixels", "pixels16", "random_init", "random_init_mid_raw")
+    return {"queries": ev["settings"]["queries"]["count"],
+            "gallery": ev["settings"]["gallery"]["count"], "readout": ev["readout"],
+            "knn@10": {k: round(reps[k]["knn@10"], 3) for k in keys},
+            "nmi": {k: round(reps[k]["nmi"], 4) for k in keys},
+            "weights_evaluated": f"shipped fp16 file sha256 {ev['model_sha256'][:12]} ({where})"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--run", type=Path, required=True)
+    ap.add_argument("--weights", choices=("model", "ema"), default="ema")
+    ap.add_argument("--ship-dir", type=Path, default=REPO / "runs" / "ship")
+    ap.add_argument("--cache", type=Path, default=REPO / "runs" / "evalcache")
+    ap.add_argument("--train-note", required=True, help="how the run was trained (recorded)")
+    ap.add_argument("--dry-run", action="store_true", help="stop after the decision")
+    ap.add_argument("--force", action="store_true", help="ship even if the rule says no")
+    a = ap.parse_args()
+    import recipe_score as rs
+    from phisearch.indexer.model import checkpoint as ckpt
+
+    shipped = ckpt.load("small64")
+    snap, step = snapshot(a.run, a.ship_dir, a.weights)
+    print(f"snapshot: {snap} ({step} steps); shipped: {shipped.info['steps']} steps")
+    evidence = RESULTS / "recipe_ship.json"
+    doc = json.loads(evidence.read_text()) if evidence.is_file() else {"rows": []}
+    protos = ["tiny-val", "imagenette-val", "tiny-test", "imagenette-test"]
+    images = rs.psnr_images()
+    rows = {}
+    for label, path in (("shipped", ckpt.resolve("small64")), ("candidate", snap)):
+        sha = ckpt.load(path).sha256[:12]
+        row = next((r for r in doc["rows"] if r["model_sha256"] == sha), None)
+        if row is None:
+            row = dict(arm=label, weights=a.weights if label == "candidate" else "fixed",
+                       **rs.score(path, protos, str(a.cache), images))
+            doc["rows"].append(row)
+            evidence.write_text(json.dumps(doc, indent=1) + "\n")
+        rows[label] = row
+    ok, lines = decide(rows["shipped"], rows["candidate"])
+    print("\n".join(lines))
+    print("decision:", "ship" if ok else "keep the shipped weights")
+    if a.dry_run or not (ok or a.force):
+        return
+
+    fitted = a.ship_dir / f"{snap.stem}-fitted.safetensors"
+    fitted.unlink(missing_ok=True)
+    run([*IDX, "fit-readout", "--checkpoint", str(snap), "--data", TINY_TRAIN, "--l2",
+         "--limit", "10050", "--dims", "128", "--dims", "256", "--out", str(fitted)])
+    tiny_val = str(TINY / "tinyimagenet-val-{000000..000010}.tar.gz")
+    de_tiny, de_nette = RESULTS / "denoise_eval_small64_tiny.json", \
+        RESULTS / "denoise_eval_small64.json"
+    run([*IDX, "denoise-eval", "--checkpoint", str(fitted), "--data", tiny_val,
+         "--images", "1000", "--json"], stdout=de_tiny)
+    run([*IDX, "denoise-eval", "--checkpoint", str(fitted), "--data",
+         PROTOCOLS["imagenette-test"][0], "--images", "1000", "--json"], stdout=de_nette)
+    c = ckpt.load(fitted)
+    if c.info.get("readout") != READOUT:
+        raise SystemExit(f"fit-readout made {c.info.get('readout')}, not {READOUT}")
+    prev = shipped.info
+    c.info.update(
+        denoise_eval={"data": "imagenette-test-000000.tar (1000 images)",
+                      "sigmas": json.loads(de_nette.read_text())["sigmas"]},
+        denoise_eval_tiny={"data": "tinyimagenet-val, first 1000 images",
+                           "sigmas": json.loads(de_tiny.read_text())["sigmas"]},
+        phi_defaults=prev["phi_defaults"],
+        warm_start={"from": f"small64 sha256 {prev['weights_sha256'][:12]} "
+                            f"({prev['steps']:,} steps)", "note": a.train_note},
+        readout_fitted_on="tinyimagenet-train, first 10,050 images in shard order",
+        cpu_minutes=cpu_minutes(prev, c.info),
+        ship_decision={"rule": "Tiny ImageNet validation kNN@10 up for the default readout or "
+                               "mid; no test kNN@10 of either, on either set, down by more than "
+                               f"its noise {NOISE}", "evidence": "bench/results/recipe_ship.json",
+                       "lines": lines})
+    ckpt.save(c.model, fitted, c.info, extras=c.extras)
+    ckpt.ship(fitted, "small64")
+
+    out = ckpt.BUILTIN_DIR / "small64.json"
+    info = json.loads(out.read_text())
+    for proto, name in (("tiny-test", "eval_small64_tiny"), ("imagenette-test", "eval_small64")):
+        ev_json = RESULTS / f"{name}.json"
+        run([*IDX, "eval", "--checkpoint", "small64", *cli_args(proto), "--sigmas", "",
+             "--readouts", f"mid,{READOUT},blocks+white256+l2", "--cache", str(a.cache),
+             "--out", str(ev_json), "--markdown", str(ev_json.with_suffix(".md"))])
+        key = "eval_tiny" if proto == "tiny-test" else "eval"
+        info[key] = eval_summary(json.loads(ev_json.read_text()), f"bench/results/{name}.json")
+        info[key]["protocol"] = " ".join(cli_args(proto)).replace(str(REPO.parent), "..")
+    out.write_text(json.dumps(info, indent=1, sort_keys=True))
+    print(f"shipped small64 at {step} steps: sha256 {info['weights_sha256'][:12]}; "
+          f"Tiny kNN@10 {info['eval_tiny']['knn@10']}; Imagenette {info['eval']['knn@10']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -61,11 +61,17 @@ CANDIDATES: dict[str, Schedule] = {
     "B-cap200": replace(SCHEDULES["adaptive"], levels=200, inner_steps=3, lr=0.03, tol=0.05),
     "B-quick": replace(SCHEDULES["adaptive"], levels=60, inner_steps=3, lr=0.03, tol=0.05,
                        h0=0.05, beta=0.5, sigma_min=0.03),
+    # Keep the noise each level estimated instead of drawing it all anew (DDPM's ancestral step,
+    # search/schedules.py RENOISE): unguided, these draw textured scenes where "fresh" draws grey.
+    "fast-ancestral": replace(FAST, renoise="ancestral"),
+    "A30-ancestral": replace(FAST, levels=30, renoise="ancestral"),
+    "A30-linear-ancestral": replace(FAST, levels=30, spacing="linear", renoise="ancestral"),
 }
 LISTS: dict[str, list[str]] = {
     "quick": ["fast", "A20-from0.6", "B-quick"],
     "default": ["fast", "A20", "A40", "A20-linear", "A10-from0.6", "A20-from0.6",
                 "A20-linear-from0.5", "B-quick", "B-cap200"],
+    "renoise": ["fast", "fast-ancestral", "A30-ancestral", "A30-linear-ancestral"],
     "all": list(CANDIDATES),
 }
 

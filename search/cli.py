@@ -150,6 +150,9 @@ def reconstruct(
     steps: Annotated[int | None, typer.Option(
         "--steps", min=0, help="Override: Adam steps per level (0 = unguided).")] = None,
     lr: Annotated[float | None, typer.Option("--lr", help="Override: Adam step size.")] = None,
+    renoise: Annotated[str | None, typer.Option(
+        "--renoise", help="Override, algorithm A: fresh | ancestral | ddim (how each level "
+        "re-noises; ancestral draws images even unguided).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Same seed, same samples.")] = 0,
     dataset: Annotated[str | None, typer.Option("--dataset", help="With --key.")] = None,
     checkpoint: CheckpointOpt = None,
@@ -169,7 +172,7 @@ def reconstruct(
     Example: idx reconstruct --image photo.jpg -n 8 --out grid.png --json
 
     \f
-    (Over 80 lines because its 21 options are its signature; the body resolves the target in
+    (Over 80 lines because its 22 options are its signature; the body resolves the target in
     _file_target / _stored_target.)
     """
     from phisearch.indexer.cli.common import progress
@@ -182,7 +185,7 @@ def reconstruct(
     if sum(given) != 1:
         raise typer.BadParameter("give exactly one of --image, --id, --key, --cluster, --vector")
     try:
-        sch = rc.schedule(schedule, levels=levels, inner_steps=steps, lr=lr)
+        sch = rc.schedule(schedule, levels=levels, inner_steps=steps, lr=lr, renoise=renoise)
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--schedule") from None
     if out.suffix.lower() != ".png":

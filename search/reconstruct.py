@@ -19,7 +19,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,7 @@ import torch
 from phisearch.indexer.model.config import PhiConfig
 from phisearch.indexer.model.phi import as_float, as_uint8, phi
 from phisearch.indexer.model.unet import UNet
+from phisearch.search.schedules import RENOISE, SCHEDULES, Schedule, schedule  # noqa: F401
 from torch import Tensor
 
 log = logging.getLogger(__name__)
@@ -34,69 +35,6 @@ log = logging.getLogger(__name__)
 # Per-channel mean of the 100 images of shared/data/imagenette-64/imagenette-mini-000000.tar
 # (decoded by indexer.images, RGB in [0, 1]); computed once, 2026-11-25.
 IMAGENETTE_MEAN = (0.4355, 0.4403, 0.4152)
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """How to sample. Algorithm A uses levels, sigma_max..sigma_min and spacing; B uses levels as
-    its most iterations, sigma_max as the starting noise, sigma_min as σ_L, h0 and beta."""
-
-    levels: int = 100            # A: noise levels; B: the most iterations
-    inner_steps: int = 100       # guidance: most Adam steps per level (0 = no guidance)
-    lr: float = 0.01             # guidance: Adam step size on the pixels
-    sigma_max: float = 1.0       # A: first level; B: noise of the starting image
-    sigma_min: float = 0.03      # A: last level; B: σ_L, stop once the noise estimate is below it
-    tol: float = 0.01            # guidance: a sample stops at loss <= tol * its starting loss
-    algorithm: str = "A"         # "A" fixed schedule | "B" adaptive
-    spacing: str = "linear"      # A: "linear" (the authors') | "geometric" (more low-σ levels)
-    draws: int = 10              # σ-matched mode: noisy copies of the target per φ*_k (authors: 10)
-    h0: float = 0.01             # B: first step size (grows as h0 t / (1 + h0 (t - 1)))
-    beta: float = 0.05           # B: 1 = no noise injected, 0 = all of it
-
-    def __post_init__(self) -> None:
-        if self.algorithm not in ("A", "B"):
-            raise ValueError(f'unknown algorithm "{self.algorithm}"; use "A" or "B"')
-        if self.spacing not in ("linear", "geometric"):
-            raise ValueError(f'unknown spacing "{self.spacing}"; use "linear" or "geometric"')
-        if self.levels < 1 or self.inner_steps < 0 or self.draws < 1:
-            raise ValueError("levels and draws must be >= 1, inner_steps >= 0")
-        if not 0 < self.sigma_min <= self.sigma_max:
-            raise ValueError(f"need 0 < sigma_min <= sigma_max, got {self.sigma_min}, "
-                             f"{self.sigma_max}")
-        if self.lr <= 0 or self.tol < 0 or not 0 < self.h0 <= 1 or not 0 <= self.beta < 1:
-            raise ValueError("need lr > 0, tol >= 0, 0 < h0 <= 1, 0 <= beta < 1")
-
-    def sigmas(self) -> Tensor:
-        """Algorithm A's noise levels, decreasing: (levels,) float32."""
-        if self.levels == 1:
-            return torch.tensor([self.sigma_min])
-        if self.spacing == "geometric":
-            return torch.logspace(math.log10(self.sigma_max), math.log10(self.sigma_min),
-                                  self.levels)
-        return torch.linspace(self.sigma_max, self.sigma_min, self.levels)
-
-
-SCHEDULES: dict[str, Schedule] = {
-    # The authors' ImageNet sampler: 100 linear levels 1.0 -> 0.03, up to 100 Adam steps each.
-    "paper": Schedule(),
-    # Chosen by measurement (bench/recon_speed.py -> bench/results/recon_speed.json; small64 at
-    # 344 and 371 training steps, 8 samples, 2-core CPU shared with other jobs): about 10 s. The
-    # cheapest row whose median error relative to the target's distance from the mean φ stayed
-    # <= 0.15 with both checkpoints; few levels with a few steps each beat many short levels.
-    "fast": Schedule(levels=10, inner_steps=3, lr=0.03, tol=0.05, spacing="geometric", draws=4),
-    # Algorithm B, the adaptive sampler, with the authors' step sizes.
-    "adaptive": Schedule(algorithm="B", levels=1000, inner_steps=20, sigma_min=0.01, h0=0.01,
-                         beta=0.05, draws=4),
-}
-
-
-def schedule(name: str = "fast", **overrides) -> Schedule:
-    """A named preset, with any field replaced (None values are ignored)."""
-    try:
-        base = SCHEDULES[name]
-    except KeyError:
-        raise ValueError(f'unknown schedule "{name}"; choose from {sorted(SCHEDULES)}') from None
-    return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 
 # ----------------------------------------------------------------------------- guidance
@@ -220,6 +158,16 @@ def _phi_target_fn(model: UNet, images: Tensor | np.ndarray | None, target: Tens
     return at
 
 
+def _renoise(x: Tensor, z: Tensor, sigma: float, y_prev: Tensor | None, sigma_prev: float,
+             how: str) -> Tensor:
+    """Algorithm A's noisy image at level σ from the estimate x (see RENOISE)."""
+    if how == "fresh" or y_prev is None or sigma_prev <= sigma:
+        return x + sigma * z
+    eps = (y_prev - x) / sigma_prev                  # the noise the last level's denoiser removed
+    s = 0.0 if how == "ddim" else sigma * math.sqrt(1 - (sigma / sigma_prev) ** 2)
+    return x + math.sqrt(sigma ** 2 - s ** 2) * eps + s * z
+
+
 def _sample_a(model: UNet, x: Tensor, targets: Callable[[float], Tensor] | None,
               index: Tensor, sch: Schedule, gen: torch.Generator,
               amp_dtype: torch.dtype | None, callback: Callback | None, tick: Tick | None):
@@ -227,9 +175,10 @@ def _sample_a(model: UNet, x: Tensor, targets: Callable[[float], Tensor] | None,
     sigmas = sch.sigmas()
     steps = torch.zeros(x.shape[0], dtype=torch.long)
     batch_steps = 0
+    y_prev, sigma_prev = None, 0.0
     for k, sigma in enumerate(sigmas.tolist()):
         z = torch.randn(x.shape, generator=gen).to(x.device)
-        y = x + sigma * z                                       # re-noise the current estimate
+        y = _renoise(x, z, sigma, y_prev, sigma_prev, sch.renoise)   # re-noise the estimate
         loss = float("nan")
         if targets is not None and sch.inner_steps > 0:        # guidance
             res = match(model, y, targets(sigma)[index], sch.lr, sch.inner_steps, sch.tol,
@@ -238,6 +187,7 @@ def _sample_a(model: UNet, x: Tensor, targets: Callable[[float], Tensor] | None,
             loss = float(res.loss.mean())
         with torch.no_grad(), _autocast(x.device, amp_dtype):
             x = model(y).float()                                # full denoising step
+        y_prev, sigma_prev = y, sigma
         if tick is not None:
             tick()
         if callback is not None:

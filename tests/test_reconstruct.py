@@ -168,7 +168,8 @@ def test_cli_image_writes_grid_and_json(tmp_path, mini_shard, tiny_path):
     img.write_bytes(raw["jpg"])
     out = tmp_path / "grid.png"
     r = subprocess.run(IDX + ["reconstruct", "--image", str(img), "-n", "3", "--levels", "2",
-                              "--steps", "2", "--seed", "1", "--checkpoint", tiny_path,
+                              "--steps", "2", "--renoise", "ancestral", "--seed", "1",
+                              "--checkpoint", tiny_path,
                               "--out", str(out), "--json", "--device", "cpu"],
                        check=False, capture_output=True, text=True,
                        env=_env(), timeout=120)
@@ -177,6 +178,7 @@ def test_cli_image_writes_grid_and_json(tmp_path, mini_shard, tiny_path):
     assert len(got["phi_rel_error"]) == 3 and all(e >= 0 for e in got["phi_rel_error"])
     assert got["seconds"] > 0 and got["steps"] == 3 * 2 * 2
     assert got["schedule"]["levels"] == 2 and got["schedule"]["inner_steps"] == 2
+    assert got["schedule"]["renoise"] == "ancestral"
     with Image.open(out) as grid:
         assert grid.format == "PNG"
         assert grid.size == (4 * 128 + 3 * 4, 128)                      # target + 3 samples, 2x
@@ -195,7 +197,8 @@ def test_cli_bad_input_is_one_line(tmp_path, tiny_path, monkeypatch, capsys):
     cases = [(["--vector", str(vec), "--checkpoint", tiny_path], 1, "need shape (16,)"),
              (["--vector", str(tmp_path / "none.npy"), "--checkpoint", tiny_path], 1, "no such"),
              (["--image", str(vec), "--vector", str(vec)], 2, "exactly one"),
-             (["--vector", str(vec), "--schedule", "slow"], 2, "unknown schedule")]
+             (["--vector", str(vec), "--schedule", "slow"], 2, "unknown schedule"),
+             (["--vector", str(vec), "--renoise", "stale"], 2, "unknown renoise")]
     for args, code, msg in cases:
         monkeypatch.setattr(sys, "argv", ["idx", "reconstruct", *args, "--out", out])
         with pytest.raises(SystemExit) as e:

@@ -94,3 +94,26 @@ def test_training_at_32_feeds_the_network_32x32_and_it_still_denoises_64x64(tmp_
     info = ckpt.load(path).info
     assert info["train"]["resolution"] == 32
     assert set(info["psnr"]) >= {"0.1", "0.4"}   # measured on the 64x64 test images
+
+
+def test_a_branch_keeps_adam_and_counters_and_starts_its_own_schedule(tmp_path, mini_shard):
+    from phisearch.indexer.train.loop import Trainer
+    from phisearch.indexer.train.state import branch
+
+    trunk, side = tmp_path / "trunk", tmp_path / "side"
+    train(tiny_cfg(mini_shard, trunk, 4, ema=0.9))
+    meta = branch(trunk, side)
+    assert meta["step"] == 4 and meta["schedule_start"] is None
+    cos = dict(lr=1e-3, lr_schedule="cosine", warmup_steps=2, schedule_steps=4, ema=0.9)
+    t = Trainer(tiny_cfg(mini_shard, side, 8, **cos))
+    a = Trainer(tiny_cfg(mini_shard, trunk, 8, ema=0.9))
+    assert t.state["step"] == 4 and t.state["schedule_start"] == 4    # its schedule starts here
+    assert t.state["cpu_seconds"] == a.state["cpu_seconds"] > 0        # the trunk's CPU time
+    assert t.lr() == pytest.approx(5e-4)                               # warm-up step 1 of 2
+    for p, q in zip(t.model.parameters(), a.model.parameters(), strict=True):
+        assert torch.equal(p, q)
+        assert torch.equal(t.opt.state[p]["exp_avg_sq"], a.opt.state[q]["exp_avg_sq"])
+    with pytest.raises(FileExistsError):
+        branch(trunk, side)
+    with pytest.raises(FileNotFoundError):
+        branch(tmp_path / "none", tmp_path / "x")

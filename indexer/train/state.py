@@ -59,3 +59,29 @@ def dataset_size(urls: list[str]) -> int:
                         n = sh.get("samples")
         total += n if n else 1000
     return total
+
+
+BRANCH_FILES = ("model.safetensors", "model.json", "ema.safetensors", "ema.json")
+
+
+def branch(src: Path, dst: Path) -> dict:
+    """A new run folder that continues `src` exactly (weights, moving average, Adam's moments,
+    counters and CPU time) but starts its own lr schedule at the branch step: how a recipe
+    decision tries a schedule from a point of a running arm without an Adam restart (STACK.md:
+    a warm restart moves the weights before it helps). Returns the branch's counters."""
+    src, dst = Path(src), Path(dst)
+    state = src / "train_state.safetensors"
+    if not state.is_file() or not (src / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{src}: no run to branch (needs model and train_state)")
+    if dst.exists() and any(dst.iterdir()):
+        raise FileExistsError(f"{dst}: exists and is not empty")
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in BRANCH_FILES:
+        if (src / name).is_file():
+            (dst / name).write_bytes((src / name).read_bytes())
+    with safe_open(str(state), framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get("meta", "{}"))
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta.update(schedule_start=None, branched_from=f"{src}@{meta.get('step')}")
+    save_file(tensors, str(dst / "train_state.safetensors"), metadata={"meta": json.dumps(meta)})
+    return meta

@@ -104,7 +104,7 @@ def test_a_branch_keeps_adam_and_counters_and_starts_its_own_schedule(tmp_path, 
     train(tiny_cfg(mini_shard, trunk, 4, ema=0.9))
     meta = branch(trunk, side)
     assert meta["step"] == 4 and meta["schedule_start"] is None
-    cos = dict(lr=1e-3, lr_schedule="cosine", warmup_steps=2, schedule_steps=4, ema=0.9)
+    cos = {"lr": 1e-3, "lr_schedule": "cosine", "warmup_steps": 2, "schedule_steps": 4, "ema": 0.9}
     t = Trainer(tiny_cfg(mini_shard, side, 8, **cos))
     a = Trainer(tiny_cfg(mini_shard, trunk, 8, ema=0.9))
     assert t.state["step"] == 4 and t.state["schedule_start"] == 4    # its schedule starts here

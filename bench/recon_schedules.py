@@ -44,7 +44,8 @@ import recon_fidelity as rf
 
 FAST = SCHEDULES["fast"]
 # Candidates for the default. Unless said, the `fast` settings (3 Adam steps a level at lr 0.03,
-# stop at 5% of the starting loss, 4 draws for the σ-matched target, geometric levels).
+# stop at 5% of the starting loss, 4 draws for the σ-matched target, geometric levels, ancestral
+# re-noising since 2026-12-06).
 CANDIDATES: dict[str, Schedule] = {
     "fast": FAST,                                                  # today: 10 levels 1.0 -> 0.03
     "A20": replace(FAST, levels=20),                               # more levels
@@ -63,6 +64,7 @@ CANDIDATES: dict[str, Schedule] = {
                        h0=0.05, beta=0.5, sigma_min=0.03),
     # Keep the noise each level estimated instead of drawing it all anew (DDPM's ancestral step,
     # search/schedules.py RENOISE): unguided, these draw textured scenes where "fresh" draws grey.
+    "fast-fresh": replace(FAST, renoise="fresh"),                  # `fast` before 2026-12-06
     "fast-ancestral": replace(FAST, renoise="ancestral"),
     "A30-ancestral": replace(FAST, levels=30, renoise="ancestral"),
     "A30-linear-ancestral": replace(FAST, levels=30, spacing="linear", renoise="ancestral"),
@@ -71,7 +73,7 @@ LISTS: dict[str, list[str]] = {
     "quick": ["fast", "A20-from0.6", "B-quick"],
     "default": ["fast", "A20", "A40", "A20-linear", "A10-from0.6", "A20-from0.6",
                 "A20-linear-from0.5", "B-quick", "B-cap200"],
-    "renoise": ["fast", "fast-ancestral", "A30-ancestral", "A30-linear-ancestral"],
+    "renoise": ["fast-fresh", "fast-ancestral", "A30-ancestral", "A30-linear-ancestral"],
     "all": list(CANDIDATES),
 }
 

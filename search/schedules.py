@@ -71,8 +71,9 @@ SCHEDULES: dict[str, Schedule] = {
     # <= 0.15 with both checkpoints; few levels with a few steps each beat many short levels.
     # Re-noising ancestrally since bench/results/recon_schedules_small64_21919_renoise.json (30
     # imagenette targets x 4, shipped small64): guided samples among the target's class 0.192 vs
-    # 0.150 with fresh noise, unguided 0.100 vs 0.108, the same speed and φ error, and unguided
-    # samples textured instead of grey (pixel std 0.054 vs 0.032); the best fidelity per second.
+    # 0.150 with fresh noise (0.165 for both on the 50 targets of recon_fidelity_21919*.json),
+    # the same speed and φ error, and unguided samples textured instead of grey (pixel std 0.054
+    # vs 0.032); the best fidelity per second.
     "fast": Schedule(levels=10, inner_steps=3, lr=0.03, tol=0.05, spacing="geometric", draws=4,
                      renoise="ancestral"),
     # Algorithm B, the adaptive sampler, with the authors' step sizes.

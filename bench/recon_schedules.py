@@ -65,7 +65,6 @@ CANDIDATES: dict[str, Schedule] = {
     # Keep the noise each level estimated instead of drawing it all anew (DDPM's ancestral step,
     # search/schedules.py RENOISE): unguided, these draw textured scenes where "fresh" draws grey.
     "fast-fresh": replace(FAST, renoise="fresh"),                  # `fast` before 2026-12-06
-    "fast-ancestral": replace(FAST, renoise="ancestral"),
     "A30-ancestral": replace(FAST, levels=30, renoise="ancestral"),
     "A30-linear-ancestral": replace(FAST, levels=30, spacing="linear", renoise="ancestral"),
 }
@@ -73,7 +72,7 @@ LISTS: dict[str, list[str]] = {
     "quick": ["fast", "A20-from0.6", "B-quick"],
     "default": ["fast", "A20", "A40", "A20-linear", "A10-from0.6", "A20-from0.6",
                 "A20-linear-from0.5", "B-quick", "B-cap200"],
-    "renoise": ["fast-fresh", "fast-ancestral", "A30-ancestral", "A30-linear-ancestral"],
+    "renoise": ["fast-fresh", "fast", "A30-ancestral", "A30-linear-ancestral"],
     "all": list(CANDIDATES),
 }
 

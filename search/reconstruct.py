@@ -27,7 +27,7 @@ import torch
 from phisearch.indexer.model.config import PhiConfig
 from phisearch.indexer.model.phi import as_float, as_uint8, phi
 from phisearch.indexer.model.unet import UNet
-from phisearch.search.schedules import RENOISE, SCHEDULES, Schedule, schedule  # noqa: F401
+from phisearch.search.schedules import SCHEDULES, Schedule, schedule  # noqa: F401
 from torch import Tensor
 
 log = logging.getLogger(__name__)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -24,17 +25,27 @@ def save_state(path: Path, opt: torch.optim.Optimizer, meta: dict,
             tensors[f"{i}.step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1)
     if generator is not None:
         tensors["generator"] = generator.get_state()
+    _write(path, tensors, meta)
+
+
+def _write(path: Path, tensors: dict, meta: dict) -> None:
+    """Write a state file atomically (a temporary, then a rename)."""
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata={"meta": json.dumps(meta)})
     os.replace(tmp, path)
 
 
+def _read(path: Path) -> tuple[dict, dict]:
+    """A state file's counters and tensors."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get("meta", "{}"))
+        return meta, {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+
+
 def load_state(path: Path, opt: torch.optim.Optimizer,
                generator: torch.Generator | None = None) -> dict:
     """Restore Adam's state (and the generator's, when saved) into `opt`; returns the counters."""
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get("meta", "{}"))
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta, tensors = _read(path)
     for i, p in enumerate(opt.param_groups[0]["params"]):
         if f"{i}.exp_avg" in tensors:
             opt.state[p] = {"step": tensors[f"{i}.step"].reshape(()).clone(),
@@ -78,10 +89,8 @@ def branch(src: Path, dst: Path) -> dict:
     dst.mkdir(parents=True, exist_ok=True)
     for name in BRANCH_FILES:
         if (src / name).is_file():
-            (dst / name).write_bytes((src / name).read_bytes())
-    with safe_open(str(state), framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get("meta", "{}"))
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+            shutil.copyfile(src / name, dst / name)
+    meta, tensors = _read(state)
     meta.update(schedule_start=None, branched_from=f"{src}@{meta.get('step')}")
-    save_file(tensors, str(dst / "train_state.safetensors"), metadata={"meta": json.dumps(meta)})
+    _write(dst / "train_state.safetensors", tensors, meta)
     return meta

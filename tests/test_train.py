@@ -179,3 +179,25 @@ def test_ema_is_the_moving_average_of_the_weights_and_survives_a_resume(tmp_path
     assert moved > 0
     with pytest.raises(ValueError, match="ema"):
         train(tiny_cfg(mini_shard, tmp_path / "bad", 1, ema=1.0))
+
+
+def test_a_save_stopped_between_its_files_resumes_with_counters_that_match_the_weights(
+        tmp_path, mini_shard, caplog):
+    """A stop after model.safetensors was written but before the moving average and the state
+    were (what a kill during the final evaluation used to leave): the resume counts from the
+    weights' step, says which files disagree, and does not train those steps a second time."""
+    train(tiny_cfg(mini_shard, tmp_path, 3, ema=0.5))
+    stale = {n: (tmp_path / n).read_bytes()
+             for n in ("train_state.safetensors", "ema.safetensors", "ema.json")}
+    train(tiny_cfg(mini_shard, tmp_path, 5, ema=0.5))
+    for name, data in stale.items():          # the files the stop did not reach
+        (tmp_path / name).write_bytes(data)
+    steps: list[int] = []
+    with caplog.at_level("WARNING"):
+        train(tiny_cfg(mini_shard, tmp_path, 7, ema=0.5), on_step=lambda s, v: steps.append(s))
+    assert steps == [6, 7]
+    info = json.loads((tmp_path / "model.json").read_text())
+    assert info["steps"] == 7 and info["images_seen"] == 56
+    assert "model.safetensors is at step 5 but train_state.safetensors at step 3" in caplog.text
+    assert "moving average up to step 3" in caplog.text
+    assert json.loads((tmp_path / "ema.json").read_text())["steps"] == 7

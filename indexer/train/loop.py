@@ -137,6 +137,7 @@ class Trainer:
             meta = load_state(self.state_path, self.opt, self.gen)
             restored = meta.pop("generator_restored", False)
             self.state.update(meta)
+            self._counters_follow_the_weights()
         if self.state["cpu_from_step"] is None:   # a run (or state) from before CPU accounting
             self.state["cpu_from_step"] = self.state["step"]
         if self.state.get("schedule_start") is None:   # the planned run starts here
@@ -168,6 +169,7 @@ class Trainer:
         if self.ckpt_path.exists():
             loaded = ckpt.load(self.ckpt_path, self.device)
             self.history = loaded.info.get("psnr_history", [])
+            self.weights_info = loaded.info
             log.info("resuming from %s", self.ckpt_path)
             return loaded.model.train(), loaded.info.get("preset") or cfg.preset
         if cfg.init_from:
@@ -183,6 +185,28 @@ class Trainer:
                         cfg.init_from)
             return loaded.model.train(), loaded.info.get("preset") or None
         return UNet(preset(cfg.preset)).to(self.device).train(), cfg.preset
+
+    def _counters_follow_the_weights(self) -> None:
+        """A save stopped between its files (model, moving average, state) leaves the weights
+        ahead of the state's counters: count steps, images and time from the weights' record
+        (Adam's moments stay those of the state's step) and say so, rather than train the same
+        steps twice under a count that disagrees with the weights."""
+        info, s = getattr(self, "weights_info", {}), self.state
+        if info.get("steps") is not None and info["steps"] != s["step"]:
+            log.warning("%s is at step %d but %s at step %d (a save was interrupted): counting "
+                        "from the weights' step; Adam's moments are those of step %d",
+                        self.ckpt_path.name, info["steps"], self.state_path.name, s["step"],
+                        s["step"])
+            s.update(step=info["steps"], images=info.get("images_seen", s["images"]),
+                     seconds=info.get("train_seconds", s["seconds"]),
+                     cpu_seconds=info.get("train_cpu_seconds", s["cpu_seconds"]))
+        ema_json = self.out / "ema.json"
+        if self.ema is not None and ema_json.is_file():
+            ema_steps = json.loads(ema_json.read_text()).get("steps")
+            if ema_steps is not None and ema_steps != s["step"]:
+                log.warning("ema.safetensors is the moving average up to step %d, the weights are "
+                            "at step %d (a save was interrupted): the average continues from it",
+                            ema_steps, s["step"])
 
     def _load_ema(self) -> AveragedModel:
         """The moving average, continued from this folder's ema.safetensors when there is one,
@@ -272,12 +296,16 @@ class Trainer:
         if test_images is not None:
             info["psnr"] = denoise_eval(self.model.eval(), test_images)
             self.model.train()
-        ckpt.save(self.model, self.ckpt_path, info, preset_name=self.preset_name)
+        ema_info = None
         if self.ema is not None:
             ema_info = dict(info, ema_decay=self.cfg.ema, weights="moving average of "
                             "model.safetensors's weights over the steps since the EMA started")
             if test_images is not None:
                 ema_info["psnr"] = denoise_eval(self.ema.module.eval(), test_images)
+        # The evaluations above take minutes; the three writes below take milliseconds, so a
+        # stop lands between them only rarely (and _counters_follow_the_weights handles it).
+        ckpt.save(self.model, self.ckpt_path, info, preset_name=self.preset_name)
+        if ema_info is not None:
             ckpt.save(self.ema.module, self.out / "ema.safetensors", ema_info,
                       preset_name=self.preset_name)
         save_state(self.state_path, self.opt, dict(s), self.gen)   # the counters, all JSON

@@ -41,12 +41,16 @@ READOUT = "blocks+white128+l2"
 KEEP = ("phi", "phi_mid_raw", "random_init", "random_init_mid_raw", "pixels16")
 
 
-def arm_cpu_minutes(info: dict) -> float:
-    """CPU-minutes of this arm alone: the run's CPU time less what its warm start came with."""
-    start = 0.0
-    init = (info.get("train") or {}).get("init_from")
-    if init:
-        start = ckpt.load(init).info.get("train_cpu_seconds", 0.0)
+def arm_cpu_minutes(info: dict, origin_cpu_seconds: float | None = None) -> float:
+    """CPU-minutes of this run alone: its CPU time less what it started from: `origin` when
+    given, else the warm start the run records (`warm_start`, kept across resumes), else the
+    checkpoint its first launch names (runs from before that record: only until a resume)."""
+    start = origin_cpu_seconds
+    if start is None and info.get("warm_start"):
+        start = info["warm_start"]["cpu_seconds"]
+    if start is None:
+        init = (info.get("train") or {}).get("init_from")
+        start = ckpt.load(init).info.get("train_cpu_seconds", 0.0) if init else 0.0
     return round((info.get("train_cpu_seconds", 0.0) - start) / 60, 1)
 
 
@@ -78,8 +82,7 @@ def score(path: Path, protocols: list[str], cache: str | None, images: dict,
     """One checkpoint's row. `origin_cpu_seconds`: the arm's CPU-minutes count from there (a
     branch of another run's folder, Adam state and all), else from its warm start."""
     c = ckpt.load(path)
-    cpu = arm_cpu_minutes(c.info) if origin_cpu_seconds is None else \
-        round((c.info.get("train_cpu_seconds", 0.0) - origin_cpu_seconds) / 60, 1)
+    cpu = arm_cpu_minutes(c.info, origin_cpu_seconds)
     row: dict = {"checkpoint": str(path.relative_to(REPO)), "steps": c.info.get("steps"),
                  "epochs": c.info.get("epochs"), "cpu_minutes": cpu,
                  "model_sha256": c.sha256[:12], "knn@10": {}, "nmi": {}, "psnr_0.1": {}}

@@ -50,14 +50,18 @@ def decide(old: dict, new: dict) -> tuple[bool, list[str]]:
     return rises and not falls, lines
 
 
-def cpu_minutes(prev: dict, info: dict) -> dict:
+def cpu_minutes(prev: dict, info: dict, origin: float | None) -> dict:
     """The training compute behind the weights: the Imagenette record small64 carried before
-    its first Tiny ImageNet ship, plus this run's process CPU time since its warm start."""
+    its first Tiny ImageNet ship, plus this run's process CPU time since its warm start
+    (`origin`: the train_cpu_seconds it started from, for runs that do not record it)."""
     import recipe_score as rs
 
+    if origin is None and not info.get("warm_start"):
+        raise SystemExit("the run does not record its warm start: pass --origin-cpu-seconds "
+                         "(the train_cpu_seconds of the checkpoint its Tiny training began from)")
     before = prev.get("cpu_minutes", {})
     before = before.get("imagenette", before)
-    tiny = rs.arm_cpu_minutes(info)
+    tiny = rs.arm_cpu_minutes(info, origin)
     return {"imagenette": before, "tiny imagenet": tiny,
             "total": round(before.get("total", 0) + tiny, 1),
             "how": "tiny imagenet: the run's train_cpu_seconds (process CPU time inside the "
@@ -82,6 +86,9 @@ def main() -> None:
     ap.add_argument("--ship-dir", type=Path, default=REPO / "runs" / "ship")
     ap.add_argument("--cache", type=Path, default=REPO / "runs" / "evalcache")
     ap.add_argument("--train-note", required=True, help="how the run was trained (recorded)")
+    ap.add_argument("--origin-cpu-seconds", type=float, default=None,
+                    help="train_cpu_seconds of the checkpoint the run's Tiny ImageNet training "
+                         "began from (runs that do not record `warm_start`)")
     ap.add_argument("--dry-run", action="store_true", help="stop after the decision")
     ap.add_argument("--force", action="store_true", help="ship even if the rule says no")
     a = ap.parse_args()
@@ -135,7 +142,7 @@ def main() -> None:
         warm_start={"from": f"small64 sha256 {prev['weights_sha256'][:12]} "
                             f"({prev['steps']:,} steps)", "note": a.train_note},
         readout_fitted_on="tinyimagenet-train, first 10,050 images in shard order",
-        cpu_minutes=cpu_minutes(prev, c.info),
+        cpu_minutes=cpu_minutes(prev, c.info, a.origin_cpu_seconds),
         ship_decision={"rule": "Tiny ImageNet validation kNN@10 up for the default readout or "
                                "mid; no test kNN@10 of either, on either set, down by more than "
                                f"its noise {NOISE}", "evidence": "bench/results/recipe_ship.json",

@@ -51,3 +51,60 @@ def test_shipped_curve_table_from_committed_results(tmp_path):
     assert steps[-2:] == ["untrained (same code)", "16x16 pixels"]
     assert "| 11,738 | 27.54 | 0.316 (0.294) | 0.560 (0.549) |" in rows
     assert (tmp_path / "c.png").stat().st_size > 10_000
+
+
+def _module(path: Path, name: str):
+    sys.path.insert(0, str(REPO / "bench"))
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+        sys.path.remove(str(REPO / "scripts"))
+
+
+def _row(tiny_val, tiny_test, nette_val=0.5, nette_test=0.5):
+    """A recipe_score row: (default readout, paper's φ) kNN@10 per protocol."""
+    def reps(pair):
+        return {"phi": pair[0], "phi_mid_raw": pair[1]}
+    return {"knn@10": {"tiny-val": reps(tiny_val), "tiny-test": reps(tiny_test),
+                       "imagenette-val": reps((nette_val, 0.3)),
+                       "imagenette-test": reps((nette_test, 0.3))}}
+
+
+def test_tiny_rule_ships_on_a_tiny_validation_rise_and_refuses_a_test_fall_beyond_noise():
+    ship = _module(REPO / "scripts" / "ship_tiny.py", "ship_tiny")
+    old = _row((0.097, 0.022), (0.097, 0.026))
+    assert ship.decide(old, _row((0.097, 0.025), (0.096, 0.026)))[0]       # φ up on val
+    assert not ship.decide(old, _row((0.096, 0.022), (0.100, 0.030)))[0]   # nothing up on val
+    # up on validation, but the default readout down 0.012 on tiny-test (noise 0.011)
+    ok, lines = ship.decide(old, _row((0.110, 0.030), (0.085, 0.026)))
+    assert not ok and "test 0.097 -> 0.085 (-0.012" in lines[0]
+    # an Imagenette test fall beyond its noise (0.016) also refuses
+    assert not ship.decide(old, _row((0.110, 0.030), (0.100, 0.030), nette_test=0.48))[0]
+
+
+def test_cpu_minutes_count_from_the_warm_start_across_resumes_and_branches():
+    """A Tiny run's minutes are its train_cpu_seconds less those of the checkpoint it started
+    from: recorded as `warm_start` by the trainer (kept when a resume no longer names it), or
+    given; a run that records neither is refused by the ship script instead of counted from 0."""
+    rs = _module(REPO / "bench" / "recipe_score.py", "recipe_score")
+    ship = _module(REPO / "scripts" / "ship_tiny.py", "ship_tiny")
+    info = {"train_cpu_seconds": 21001.1, "train": {"init_from": None},
+            "warm_start": {"sha256": "ab", "steps": 21919, "cpu_seconds": 8320.2}}
+    assert rs.arm_cpu_minutes(info) == 211.3
+    assert rs.arm_cpu_minutes(info, 13881.9) == 118.7          # a decision arm from its branch
+    prev = {"cpu_minutes": {"total": 657}}
+    got = ship.cpu_minutes(prev, info, None)
+    assert got["tiny imagenet"] == 211.3 and got["total"] == 868.3
+    legacy = {"train_cpu_seconds": 21001.1, "train": {"init_from": None}}
+    assert ship.cpu_minutes(prev, legacy, 8320.2)["tiny imagenet"] == 211.3
+    try:
+        ship.cpu_minutes(prev, legacy, None)
+    except SystemExit as e:
+        assert "--origin-cpu-seconds" in str(e)
+    else:
+        raise AssertionError("a run without its warm start was counted from zero")

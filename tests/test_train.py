@@ -71,6 +71,15 @@ def test_warm_start_from_a_checkpoint_saves_and_keeps_its_preset(tmp_path, tiny_
     assert c.info["preset"] == "tiny" and c.info["steps"] == start + 2
     assert c.info["train"]["init_from"] == str(tiny_checkpoint)
     assert (tmp_path / "train_state.safetensors").is_file()
+    # The run's own compute counts from the warm start, also after a resume that no longer
+    # names it (what the Tiny ImageNet CPU-minutes of a shipped model are measured from).
+    origin = ckpt.load(tiny_checkpoint)
+    expect = {"sha256": origin.sha256, "steps": start,
+              "cpu_seconds": origin.info.get("train_cpu_seconds", 0.0)}
+    assert c.info["warm_start"] == expect
+    train(tiny_cfg(mini_shard, tmp_path, start + 3))
+    again = json.loads((tmp_path / "model.json").read_text())
+    assert again["train"]["init_from"] is None and again["warm_start"] == expect
 
 
 def test_sigma_distributions():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -41,3 +42,33 @@ def test_learning_curve_on_tiny_run(tmp_path, mini_shard):
     assert pts[0]["model_sha256"] != pts[-1]["model_sha256"]
     assert png.stat().st_size > 10_000
     assert set(res["overtakes_knn@10"]) and res["settings"]["limit_queries"] == 40
+
+
+def test_tiny_curve_fit_and_prediction(tmp_path):
+    """bench/tiny_curve.py: the fit's arithmetic, the 'not at this rate' cases, and its tables
+    from the committed recipe results (the shipped start and decision 1's warm arm at least)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import tiny_curve as tc
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    xs = [0.0, 30.0, 90.0, 210.0]
+    ys = [0.1 + 0.02 * math.log1p(x / 30) for x in xs]
+    a, b = tc.fit(xs, ys)
+    assert abs(a - 0.1) < 1e-9 and abs(b - 0.02) < 1e-9
+    m = tc.minutes_to(a, b, 0.15, measured=1000.0)      # 0.1 + 0.02 ln(1 + m/30) = 0.15
+    assert abs(m - 30 * math.expm1(2.5)) < 1e-6
+    assert tc.minutes_to(a, b, 0.3, measured=210.0) is None      # beyond 100x what was measured
+    assert tc.minutes_to(0.1, -0.01, 0.2, measured=210.0) is None   # falling
+    assert tc.minutes_to(0.25, 0.0, 0.2, measured=210.0) == 0.0      # already there
+    out = tmp_path / "c.json"
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "tiny_curve.py"), "--out", str(out),
+                        "--png", str(tmp_path / "c.png")], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(out.read_text())
+    assert [p["minutes"] for p in doc["points"]][:2] == [0.0, 55.4]
+    assert doc["points"][0]["knn"]["tiny"]["phi"] == 0.09701492537313433
+    assert {b["bar"] for b in doc["bars"]} >= {"Tiny default readout >= 0.20"}
+    assert "| 55.4 | 29,000 | 0.096 | 0.023 | 0.572 | 0.315 |" in r.stdout
+    assert (tmp_path / "c.png").stat().st_size > 10_000

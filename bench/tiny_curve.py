@@ -1,0 +1,182 @@
+"""The Tiny ImageNet learning curve of the line small64 is trained along, and when each of issue
+26's bars would be met at its rate (the fallback of the issue's "Done when").
+
+Points are `bench/recipe_score.py` rows already measured (validation protocols, moving-average
+weights unless the row is a fixed shipped file), placed at their Tiny ImageNet CPU-minutes: the
+process CPU time inside the training steps since the Imagenette-only small64 (21,919 steps) the
+line warm-started from. LINE lists the rows of the line, each with the minutes its arm's
+`cpu_minutes` count from (a decision arm counts from its branch point).
+
+For each set and readout the fit is kNN@10 = a + b ln(1 + minutes / 30) (least squares, every
+point equal): a rise that slows as training goes on. The prediction is the minutes at which the
+fit reaches the bar; "not at this rate" when the fit is flat or falling, or reaches it beyond
+100x the minutes measured. The bars are those of the issue on the test protocols; the points are
+validation protocols (the same kind of queries, disjoint), so a prediction is for the test bar.
+
+    python bench/tiny_curve.py [--png docs/tiny_curve.png]
+
+Writes bench/results/tiny_curve.json and prints the markdown tables of the model card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+SCALE = 30.0   # minutes: where the fitted rise starts to slow (ln(1 + m / SCALE))
+
+# (results file, arm label, weights, Tiny minutes the arm's cpu_minutes count from, note)
+LINE: list[tuple[str, str, str, float, str]] = [
+    ("recipe_warm_vs_scratch.json", "shipped", "fixed", 0.0,
+     "small64 shipped (Imagenette only), the line's start"),
+    ("recipe_warm_vs_scratch.json", "warm", "ema", 0.0, "decision 1's warm arm, constant 1e-4"),
+    # decision 2 branched at 33,079 steps: train_cpu_seconds 13,881.9 - small64's 8,320.2
+    ("recipe_lr_schedule.json", "cos", "ema", 92.7,
+     "decision 2's winner: cosine 3e-4 -> 0 over 12,000 steps"),
+]
+# set -> (validation protocol, readout key, bar kind, value): issue 26's "Done when"
+BARS = [
+    ("tiny", "phi", "absolute", 0.20, "Tiny default readout >= 0.20"),
+    ("tiny", "phi_mid_raw", "x untrained", 1.5, "Tiny paper's φ >= 1.5x untrained middle block"),
+    ("imagenette", "phi", "x untrained", 1.3, "Imagenette default >= 1.3x untrained"),
+    ("imagenette", "phi_mid_raw", "x untrained", 1.0, "Imagenette paper's φ >= untrained"),
+]
+UNTRAINED = {"phi": "random_init", "phi_mid_raw": "random_init_mid_raw"}
+
+
+def points() -> list[dict]:
+    """The line's rows in order of minutes: {minutes, note, steps, knn: {set: {rep: value}}}."""
+    out = []
+    for file, arm, weights, offset, note in LINE:
+        path = RESULTS / file
+        if not path.is_file():
+            continue
+        rows = [r for r in json.loads(path.read_text())["rows"]
+                if r["arm"] == arm and r["weights"] == weights]
+        for r in rows:
+            minutes = offset + (r["cpu_minutes"] or 0.0)
+            out.append({"minutes": round(minutes, 1), "note": note, "steps": r["steps"],
+                        "checkpoint": r["checkpoint"], "knn": {
+                            s: r["knn@10"][f"{s}-val"] for s in ("tiny", "imagenette")
+                            if f"{s}-val" in r["knn@10"]}})
+    return sorted(out, key=lambda p: p["minutes"])
+
+
+def fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """(a, b) of y = a + b ln(1 + x / SCALE), least squares."""
+    u = np.log1p(np.asarray(xs) / SCALE)
+    b, a = np.polyfit(u, np.asarray(ys), 1)
+    return float(a), float(b)
+
+
+def minutes_to(a: float, b: float, target: float, measured: float) -> float | None:
+    """Minutes at which the fit reaches `target`; None when it never does at this rate."""
+    if a >= target:
+        return 0.0
+    if b <= 0:
+        return None
+    m = SCALE * math.expm1((target - a) / b)
+    return m if m <= 100 * max(measured, 1.0) else None
+
+
+def predict(pts: list[dict]) -> list[dict]:
+    """One row a bar: the target on validation (untrained measured by the same code), the fit,
+    the latest value and the predicted minutes."""
+    out = []
+    for s, rep, kind, value, name in BARS:
+        have = [p for p in pts if s in p["knn"]]
+        if len(have) < 2:
+            continue
+        xs = [p["minutes"] for p in have]
+        ys = [p["knn"][s][rep] for p in have]
+        untrained = have[-1]["knn"][s][UNTRAINED[rep]]
+        target = value if kind == "absolute" else value * untrained
+        a, b = fit(xs, ys)
+        m = minutes_to(a, b, target, max(xs))
+        out.append({"bar": name, "target_val": round(target, 4), "latest": round(ys[-1], 4),
+                    "at_minutes": xs[-1], "fit": {"a": round(a, 4), "b": round(b, 4),
+                                                  "form": f"a + b ln(1 + minutes / {SCALE:g})"},
+                    "predicted_minutes": None if m is None else round(m),
+                    "met": ys[-1] >= target})
+    return out
+
+
+def tables(pts: list[dict], pred: list[dict]) -> str:
+    lines = ["| Tiny CPU-min | steps | tiny-val default | tiny-val φ mid | nette-val default | "
+             "nette-val φ mid | weights |", "|---|---|---|---|---|---|---|"]
+    for p in pts:
+        t, n = p["knn"].get("tiny", {}), p["knn"].get("imagenette", {})
+        lines.append(f"| {p['minutes']:g} | {p['steps']:,} | {t.get('phi', math.nan):.3f} | "
+                     f"{t.get('phi_mid_raw', math.nan):.3f} | {n.get('phi', math.nan):.3f} | "
+                     f"{n.get('phi_mid_raw', math.nan):.3f} | {p['note']} |")
+    if pts:
+        t, n = pts[-1]["knn"].get("tiny", {}), pts[-1]["knn"].get("imagenette", {})
+        lines.append(f"| untrained, same code | | {t.get('random_init', math.nan):.3f} | "
+                     f"{t.get('random_init_mid_raw', math.nan):.3f} | "
+                     f"{n.get('random_init', math.nan):.3f} | "
+                     f"{n.get('random_init_mid_raw', math.nan):.3f} | |")
+        lines.append(f"| 16x16 pixels | | {t.get('pixels16', math.nan):.3f} | "
+                     f"{t.get('pixels16', math.nan):.3f} | {n.get('pixels16', math.nan):.3f} | "
+                     f"{n.get('pixels16', math.nan):.3f} | |")
+    lines += ["", "| bar (on validation) | target | latest | fit a + b ln(1 + m/30) | "
+              "predicted Tiny CPU-minutes |", "|---|---|---|---|---|"]
+    for r in pred:
+        when = "met" if r["met"] else ("not at this rate" if r["predicted_minutes"] is None
+                                       else f"{r['predicted_minutes']:,}")
+        lines.append(f"| {r['bar']} | {r['target_val']:.3f} | {r['latest']:.3f} | "
+                     f"{r['fit']['a']:.3f} + {r['fit']['b']:.4f} ln(…) | {when} |")
+    return "\n".join(lines)
+
+
+def plot(pts: list[dict], pred: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, s, title in zip(axes, ("tiny", "imagenette"),
+                            ("Tiny ImageNet val (201 classes)", "Imagenette val (unseen)")):
+        have = [p for p in pts if s in p["knn"]]
+        if not have:
+            continue
+        xs = [p["minutes"] for p in have]
+        grid = np.linspace(0, max(xs) * 1.5, 100)
+        for rep, color, name in (("phi", "tab:blue", "default readout"),
+                                 ("phi_mid_raw", "tab:orange", "paper's φ (mid)")):
+            ys = [p["knn"][s][rep] for p in have]
+            ax.plot(xs, ys, "o", color=color, label=name)
+            a, b = fit(xs, ys)
+            ax.plot(grid, a + b * np.log1p(grid / SCALE), "-", color=color, lw=0.8)
+            ax.axhline(have[-1]["knn"][s][UNTRAINED[rep]], color=color, ls=":", lw=0.8)
+        ax.axhline(have[-1]["knn"][s]["pixels16"], color="gray", ls="-.", lw=0.8)
+        ax.set(xlabel="Tiny ImageNet training, CPU-minutes", ylabel="kNN@10", title=title)
+        ax.legend(fontsize=7)
+    fig.suptitle("dotted: the same network untrained; gray: 16x16 pixels; lines: the fits",
+                 fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--png", type=Path, default=None, help="also draw the curve here")
+    ap.add_argument("--out", type=Path, default=RESULTS / "tiny_curve.json")
+    a = ap.parse_args()
+    pts = points()
+    pred = predict(pts)
+    a.out.write_text(json.dumps(
+        {"how": __doc__.split("\n\n")[1].replace("\n", " "), "points": pts, "bars": pred},
+        indent=1, ensure_ascii=False) + "\n")
+    if a.png:
+        plot(pts, pred, a.png)
+    print(tables(pts, pred))
+
+
+if __name__ == "__main__":
+    main()

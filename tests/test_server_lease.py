@@ -335,3 +335,25 @@ def test_idx_remove_is_refused_before_it_counts_and_a_dry_run_is_not(cfg):
         holder.close()
     assert remove(cfg, {"label": 3}, confirm)["deleted"] == 2 and asked == [2]
     assert leases(cfg) == []
+
+
+def test_snapshot_restore_is_refused_while_another_writer_holds_the_lease(cfg):
+    """`idx snapshot restore` replaces the collection: it takes the lease first, so a running
+    build makes it StoreBusy before anything is downloaded or replaced, and it leaves no lease
+    point behind whatever happens next."""
+    from phisearch.indexer.manage.snapshots import restore
+
+    with open_store(cfg) as s:
+        s.ensure(META)
+        s.upsert(make_points(6)[0])
+    holder = open_store(cfg)
+    holder.ensure(META)
+    try:
+        with pytest.raises(StoreBusy, match="in use by another process") as ei:
+            restore(cfg, "any.snapshot")
+        assert "_writing" in [entry.name for entry in ei.traceback]
+        assert [n["token"] for n in leases(cfg)] == [holder.lease.token]
+        assert holder.count() == 6
+    finally:
+        holder.close()
+    assert leases(cfg) == []

@@ -139,6 +139,8 @@ class _SnapshotEndpoints(http.server.BaseHTTPRequestHandler):
                                                     {"name": "col__phisearch_meta"}]})
         if path == "/aliases":
             return self._send(200, {"aliases": []})
+        if path.endswith("/exists"):   # the companion was dropped since: no writer to wait for
+            return self._send(200, {"exists": False})
         if path.endswith("/snapshots"):
             coll = path.split("/")[2]
             snaps = {"col": [("col-1.snapshot", "2026-12-01T10:00:05")],
@@ -200,6 +202,7 @@ def test_restore_downloads_each_snapshot_and_uploads_it_back(snapshot_endpoints)
     calls = [(e["method"], e["path"]) for e in handler.log]
     assert calls == [
         ("GET", "/collections"), ("GET", "/aliases"),
+        ("GET", "/collections/col__phisearch_meta/exists"),
         ("GET", "/collections/col/snapshots"),
         ("GET", "/collections/col__phisearch_meta/snapshots"),
         ("GET", "/collections/col/snapshots/col-1.snapshot"),

@@ -349,8 +349,13 @@ class ServerStore(Store):
 
     def restore(self, name: str) -> dict:
         """Recover both collections from the snapshot files, through the API alone
-        (server_snapshots.py). The metadata snapshot taken with `name` is the first one of the
+        (server_snapshots.py), holding the write lease first while the collection is there (as
+        a build would). The metadata snapshot taken with `name` is the first one of the
         companion created at or after it."""
+        with self._errors("check the collection"):
+            live = self.client.collection_exists(self.meta_name)
+        if live:   # a running build (or cluster, remove) holds it: StoreBusy, nothing replaced
+            self._writing()
         with self._errors("list snapshots"):
             main = {s.name: s for s in self.client.list_snapshots(self.name)}
             metas = self.client.list_snapshots(self.meta_name)

@@ -61,6 +61,9 @@ def test_tiny_curve_fit_and_prediction(tmp_path):
     assert tc.minutes_to(a, b, 0.3, measured=210.0) is None      # beyond 100x what was measured
     assert tc.minutes_to(0.1, -0.01, 0.2, measured=210.0) is None   # falling
     assert tc.minutes_to(0.25, 0.0, 0.2, measured=210.0) == 0.0      # already there
+    a, b = tc.fit([0.0, 100.0, 200.0], [0.1, 0.11, 0.12], "linear")     # the steady fit
+    assert abs(a - 0.1) < 1e-9 and abs(b - 1e-4) < 1e-12
+    assert abs(tc.minutes_to(a, b, 0.2, 200.0, "linear") - 1000.0) < 1e-6
     out = tmp_path / "c.json"
     r = subprocess.run([sys.executable, str(REPO / "bench" / "tiny_curve.py"), "--out", str(out),
                         "--png", str(tmp_path / "c.png")], capture_output=True, text=True,

@@ -43,11 +43,11 @@ KEEP = ("phi", "phi_mid_raw", "random_init", "random_init_mid_raw", "pixels16")
 
 def arm_cpu_minutes(info: dict, origin_cpu_seconds: float | None = None) -> float:
     """CPU-minutes of this run alone: its CPU time less what it started from: `origin` when
-    given, else the warm start the run records (`warm_start`, kept across resumes), else the
+    given, else the warm start the run records (`warm_start_from`, kept across resumes), else the
     checkpoint its first launch names (runs from before that record: only until a resume)."""
     start = origin_cpu_seconds
-    if start is None and info.get("warm_start"):
-        start = info["warm_start"]["cpu_seconds"]
+    if start is None and isinstance(info.get("warm_start_from"), dict):
+        start = info["warm_start_from"]["cpu_seconds"]
     if start is None:
         init = (info.get("train") or {}).get("init_from")
         start = ckpt.load(init).info.get("train_cpu_seconds", 0.0) if init else 0.0

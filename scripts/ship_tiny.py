@@ -56,7 +56,7 @@ def cpu_minutes(prev: dict, info: dict, origin: float | None) -> dict:
     (`origin`: the train_cpu_seconds it started from, for runs that do not record it)."""
     import recipe_score as rs
 
-    if origin is None and not info.get("warm_start"):
+    if origin is None and not isinstance(info.get("warm_start_from"), dict):
         raise SystemExit("the run does not record its warm start: pass --origin-cpu-seconds "
                          "(the train_cpu_seconds of the checkpoint its Tiny training began from)")
     before = prev.get("cpu_minutes", {})
@@ -88,7 +88,7 @@ def main() -> None:
     ap.add_argument("--train-note", required=True, help="how the run was trained (recorded)")
     ap.add_argument("--origin-cpu-seconds", type=float, default=None,
                     help="train_cpu_seconds of the checkpoint the run's Tiny ImageNet training "
-                         "began from (runs that do not record `warm_start`)")
+                         "began from (runs that do not record `warm_start_from`)")
     ap.add_argument("--dry-run", action="store_true", help="stop after the decision")
     ap.add_argument("--force", action="store_true", help="ship even if the rule says no")
     a = ap.parse_args()

@@ -89,12 +89,12 @@ def test_tiny_rule_ships_on_a_tiny_validation_rise_and_refuses_a_test_fall_beyon
 
 def test_cpu_minutes_count_from_the_warm_start_across_resumes_and_branches():
     """A Tiny run's minutes are its train_cpu_seconds less those of the checkpoint it started
-    from: recorded as `warm_start` by the trainer (kept when a resume no longer names it), or
+    from: recorded as `warm_start_from` by the trainer (kept when a resume no longer names it), or
     given; a run that records neither is refused by the ship script instead of counted from 0."""
     rs = _module(REPO / "bench" / "recipe_score.py", "recipe_score")
     ship = _module(REPO / "scripts" / "ship_tiny.py", "ship_tiny")
     info = {"train_cpu_seconds": 21001.1, "train": {"init_from": None},
-            "warm_start": {"sha256": "ab", "steps": 21919, "cpu_seconds": 8320.2}}
+            "warm_start_from": {"sha256": "ab", "steps": 21919, "cpu_seconds": 8320.2}}
     assert rs.arm_cpu_minutes(info) == 211.3
     assert rs.arm_cpu_minutes(info, 13881.9) == 118.7          # a decision arm from its branch
     prev = {"cpu_minutes": {"total": 657}}

@@ -76,10 +76,10 @@ def test_warm_start_from_a_checkpoint_saves_and_keeps_its_preset(tmp_path, tiny_
     origin = ckpt.load(tiny_checkpoint)
     expect = {"sha256": origin.sha256, "steps": start,
               "cpu_seconds": origin.info.get("train_cpu_seconds", 0.0)}
-    assert c.info["warm_start"] == expect
+    assert c.info["warm_start_from"] == expect
     train(tiny_cfg(mini_shard, tmp_path, start + 3))
     again = json.loads((tmp_path / "model.json").read_text())
-    assert again["train"]["init_from"] is None and again["warm_start"] == expect
+    assert again["train"]["init_from"] is None and again["warm_start_from"] == expect
 
 
 def test_sigma_distributions():

@@ -126,7 +126,7 @@ class Trainer:
         # seconds: wall time inside the steps (a SIGSTOP'd process keeps counting);
         # cpu_seconds: the process's CPU time in them (all threads), counted from cpu_from_step.
         self.state = {"step": 0, "images": 0, "seconds": 0.0, "runs": 0, "cpu_seconds": 0.0,
-                      "cpu_from_step": None, "schedule_start": None, "warm_start": None}
+                      "cpu_from_step": None, "schedule_start": None, "warm_start_from": None}
         self.history: list[dict] = []
         self.model, self.preset_name = self._load_model()
         self.ema = self._load_ema() if cfg.ema > 0 else None
@@ -183,7 +183,7 @@ class Trainer:
                               schedule_start=None,
                               # what this run's own compute is counted from, kept by resumes
                               # and branches (train.state): the checkpoint it started from
-                              warm_start={"sha256": loaded.sha256, "steps": loaded.info.get(
+                              warm_start_from={"sha256": loaded.sha256, "steps": loaded.info.get(
                                   "steps", 0), "cpu_seconds": loaded.info.get(
                                   "train_cpu_seconds", 0.0)})
             log.warning("warm start from %s: weights only, Adam moments start from zero",
@@ -297,7 +297,7 @@ class Trainer:
         info = dict(self.record, steps=s["step"], images_seen=s["images"],
                     epochs=round(s["images"] / self.n_data, 3), train_seconds=round(s["seconds"], 1),
                     train_cpu_seconds=round(s["cpu_seconds"], 1),
-                    train_cpu_from_step=s["cpu_from_step"], warm_start=s.get("warm_start"),
+                    train_cpu_from_step=s["cpu_from_step"], warm_start_from=s.get("warm_start_from"),
                     psnr_history=self.history)
         if test_images is not None:
             info["psnr"] = denoise_eval(self.model.eval(), test_images)

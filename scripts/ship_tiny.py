@@ -44,7 +44,7 @@ def decide(old: dict, new: dict) -> tuple[bool, list[str]]:
             v0, v1 = old["knn@10"][f"{s}-val"][rep], new["knn@10"][f"{s}-val"][rep]
             t0, t1 = old["knn@10"][f"{s}-test"][rep], new["knn@10"][f"{s}-test"][rep]
             rises |= s == "tiny" and v1 > v0
-            falls |= t1 - t0 < -NOISE[s]
+            falls |= round(t1 - t0, 9) < -NOISE[s]   # kNN@10 are counts / queries: no float dust
             lines.append(f"{s} {name}: val {v0:.3f} -> {v1:.3f} ({v1 - v0:+.3f}), "
                          f"test {t0:.3f} -> {t1:.3f} ({t1 - t0:+.3f}, noise {NOISE[s]})")
     return rises and not falls, lines

@@ -83,6 +83,9 @@ def test_tiny_rule_ships_on_a_tiny_validation_rise_and_refuses_a_test_fall_beyon
     # up on validation, but the default readout down 0.012 on tiny-test (noise 0.011)
     ok, lines = ship.decide(old, _row((0.110, 0.030), (0.085, 0.026)))
     assert not ok and "test 0.097 -> 0.085 (-0.012" in lines[0]
+    # a fall of exactly the noise is not beyond it (0.309 - 0.325 is -0.016000000000000014)
+    assert ship.decide(_row((0.097, 0.022), (0.100, 0.026), nette_test=0.325),
+                       _row((0.111, 0.038), (0.108, 0.030), nette_test=0.309))[0]
     # an Imagenette test fall beyond its noise (0.016) also refuses
     assert not ship.decide(old, _row((0.110, 0.030), (0.100, 0.030), nette_test=0.48))[0]
 

@@ -38,6 +38,8 @@ LINE: list[tuple[str, str, str, float, str]] = [
      "small64 shipped (Imagenette only), the line's start"),
     ("recipe_warm_vs_scratch.json", "warm", "ema", 0.0, "decision 1's warm arm, constant 1e-4"),
     # decision 2 branched at 33,079 steps: train_cpu_seconds 13,881.9 - small64's 8,320.2
+    ("recipe_lr_schedule.json", "start", "ema", 92.7,
+     "decision 2's branch point: the warm arm at 33,079 steps"),
     ("recipe_lr_schedule.json", "cos", "ema", 92.7,
      "decision 2's winner: cosine 3e-4 -> 0 over 12,000 steps"),
 ]

@@ -11,8 +11,9 @@ For each set and readout two fits (least squares, every point equal) bracket the
 kNN@10 = a + b ln(1 + minutes / 30), a rise that slows as training goes on (the pessimistic
 one), and a + b minutes, a rise that keeps its pace (the optimistic one). The prediction is the
 minutes at which a fit reaches the bar; "not at this rate" when it is flat or falling, or
-reaches it beyond 100x the minutes measured. The bars are those of the issue on the test protocols; the points are
-validation protocols (the same kind of queries, disjoint), so a prediction is for the test bar.
+reaches it beyond 100x the minutes measured. The bars are those of the issue on the test
+protocols; the points are validation protocols (the same kind of queries, disjoint), so a
+prediction is for the test bar.
 
     python bench/tiny_curve.py [--png docs/tiny_curve.png]
 
@@ -142,7 +143,7 @@ def tables(pts: list[dict], pred: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(pts: list[dict], pred: list[dict], path: Path) -> None:
+def plot(pts: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -182,7 +183,7 @@ def main() -> None:
         {"how": __doc__.split("\n\n")[1].replace("\n", " "), "points": pts, "bars": pred},
         indent=1, ensure_ascii=False) + "\n")
     if a.png:
-        plot(pts, pred, a.png)
+        plot(pts, a.png)
     print(tables(pts, pred))
 
 

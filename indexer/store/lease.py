@@ -35,7 +35,8 @@ Limits: expiry compares the wall clocks of different hosts, which must agree to 
 (SIGSTOP, a paused VM) past TTL and taken over can have one write in flight when it resumes;
 Qdrant has no conditional write to fence it. Only phisearch honours the lease. A snapshot restore
 takes the lease first (so it waits for a running build), then replaces the companion, and with it
-the leases, by the snapshot's (expired ones by then, as a rule). Two phisearch handles in one process are two writers, as on Edge.
+the leases, by the snapshot's (expired ones by then, as a rule). Two phisearch handles in one
+process are two writers, as on Edge.
 """
 
 from __future__ import annotations

@@ -128,6 +128,8 @@ class Trainer:
         self.state = {"step": 0, "images": 0, "seconds": 0.0, "runs": 0, "cpu_seconds": 0.0,
                       "cpu_from_step": None, "schedule_start": None, "warm_start_from": None}
         self.history: list[dict] = []
+        self.weights_info: dict = {}      # the resumed model.json (_counters_follow_the_weights)
+        self.ema_steps: int | None = None  # the step the resumed ema.safetensors was saved at
         self.model, self.preset_name = self._load_model()
         self.ema = self._load_ema() if cfg.ema > 0 else None
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
@@ -196,7 +198,7 @@ class Trainer:
         ahead of the state's counters: count steps, images and time from the weights' record
         (Adam's moments stay those of the state's step) and say so, rather than train the same
         steps twice under a count that disagrees with the weights."""
-        info, s = getattr(self, "weights_info", {}), self.state
+        info, s = self.weights_info, self.state
         if info.get("steps") is not None and info["steps"] != s["step"]:
             log.warning("%s is at step %d but %s at step %d (a save was interrupted): counting "
                         "from the weights' step; Adam's moments are those of step %d",
@@ -205,13 +207,10 @@ class Trainer:
             s.update(step=info["steps"], images=info.get("images_seen", s["images"]),
                      seconds=info.get("train_seconds", s["seconds"]),
                      cpu_seconds=info.get("train_cpu_seconds", s["cpu_seconds"]))
-        ema_json = self.out / "ema.json"
-        if self.ema is not None and ema_json.is_file():
-            ema_steps = json.loads(ema_json.read_text()).get("steps")
-            if ema_steps is not None and ema_steps != s["step"]:
-                log.warning("ema.safetensors is the moving average up to step %d, the weights are "
-                            "at step %d (a save was interrupted): the average continues from it",
-                            ema_steps, s["step"])
+        if self.ema_steps is not None and self.ema_steps != s["step"]:
+            log.warning("ema.safetensors is the moving average up to step %d, the weights are "
+                        "at step %d (a save was interrupted): the average continues from it",
+                        self.ema_steps, s["step"])
 
     def _load_ema(self) -> AveragedModel:
         """The moving average, continued from this folder's ema.safetensors when there is one,
@@ -221,7 +220,9 @@ class Trainer:
         ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(self.cfg.ema))
         path = self.out / "ema.safetensors"
         if path.exists() and self.ckpt_path.exists():
-            ema.module.load_state_dict(ckpt.load(path, self.device).model.state_dict())
+            loaded = ckpt.load(path, self.device)
+            ema.module.load_state_dict(loaded.model.state_dict())
+            self.ema_steps = loaded.info.get("steps")
             ema.n_averaged.fill_(1)   # 0 would make the next update a plain copy
         return ema
 
@@ -297,8 +298,8 @@ class Trainer:
         info = dict(self.record, steps=s["step"], images_seen=s["images"],
                     epochs=round(s["images"] / self.n_data, 3), train_seconds=round(s["seconds"], 1),
                     train_cpu_seconds=round(s["cpu_seconds"], 1),
-                    train_cpu_from_step=s["cpu_from_step"], warm_start_from=s.get("warm_start_from"),
-                    psnr_history=self.history)
+                    train_cpu_from_step=s["cpu_from_step"],
+                    warm_start_from=s.get("warm_start_from"), psnr_history=self.history)
         if test_images is not None:
             info["psnr"] = denoise_eval(self.model.eval(), test_images)
             self.model.train()

@@ -17,23 +17,53 @@ they qualify (issue 26's rule). Every step is a command that could be run by han
     bench/results/eval_small64_tiny.{json,md} and eval_small64.{json,md}, summarized in its JSON.
 
     OMP_NUM_THREADS=1 python scripts/ship_tiny.py --run runs/tiny-warm --weights ema [--dry-run]
+
+It replaced scripts/ship_small64.py, which shipped the Imagenette-only checkpoints up to 21,919
+steps under issue 18's rule (its recorded decisions stay in bench/results/draws_sweep_*.json and
+the model card; the script is in git history, `git show f570ac8:scripts/ship_small64.py`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
-sys.path.insert(0, str(REPO / "scripts"))
-from protocols import PROTOCOLS, TINY, TINY_TRAIN, cli_args  # noqa: E402
-from ship_small64 import IDX, RESULTS, run, snapshot  # noqa: E402
+from protocols import PROTOCOLS, TINY, TINY_TRAIN, cli_args
 
+RESULTS = REPO / "bench" / "results"
+IDX = [str(Path(sys.executable).parent / "idx")]   # the environment's own CLI
 NOISE = {"tiny": 0.011, "imagenette": 0.016}
 READOUT = "blocks+white128+l2"
+
+
+def run(cmd: list[str], stdout: Path | None = None) -> None:
+    """Print and run one step; its standard output goes to `stdout` when given."""
+    print("$", " ".join(cmd), flush=True)
+    with open(stdout, "w") if stdout else contextlib.nullcontext() as out:
+        subprocess.run(cmd, check=True, cwd=REPO, stdout=out)
+
+
+def snapshot(run_dir: Path, dst_dir: Path, weights: str = "model") -> tuple[Path, int]:
+    """Copy the run's weights (model, or ema: their moving average) and record; refuse a pair
+    written by two different saves."""
+    from phisearch.indexer.model import checkpoint as ckpt
+    info = json.loads((run_dir / f"{weights}.json").read_text())
+    step = int(info["steps"])
+    dst = dst_dir / f"small64-{step}{'-ema' if weights == 'ema' else ''}.safetensors"
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(run_dir / f"{weights}.safetensors", dst)
+    shutil.copy2(run_dir / f"{weights}.json", dst.with_suffix(".json"))
+    c = ckpt.load(dst)
+    if c.sha256 != c.info.get("weights_sha256"):
+        raise SystemExit(f"{run_dir}: weights and record come from two saves; run again")
+    return dst, step
 
 
 def decide(old: dict, new: dict) -> tuple[bool, list[str]]:

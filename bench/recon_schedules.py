@@ -67,12 +67,23 @@ CANDIDATES: dict[str, Schedule] = {
     "fast-fresh": replace(FAST, renoise="fresh"),                  # `fast` before 2026-12-06
     "A30-ancestral": replace(FAST, levels=30, renoise="ancestral"),
     "A30-linear-ancestral": replace(FAST, levels=30, spacing="linear", renoise="ancestral"),
+    # Start higher. In an orthonormal basis an image's coarsest components vary far more than σ 1
+    # (the mean colour of a 64x64 Imagenette image: std 0.14 x 64 = 9 against noise 1), so a sampler
+    # that starts from the mean image at σ 1 cannot draw them and stays grey (pixel std about 0.05
+    # unguided, real images 0.21). The network never trained above σ 1: these measure how far its
+    # extrapolation carries.
+    "A10-from2": replace(FAST, sigma_max=2.0),
+    "A20-from2": replace(FAST, levels=20, sigma_max=2.0),
+    "A20-from3": replace(FAST, levels=20, sigma_max=3.0),
+    "A20-from5": replace(FAST, levels=20, sigma_max=5.0),
+    "A30-from3": replace(FAST, levels=30, sigma_max=3.0),
 }
 LISTS: dict[str, list[str]] = {
     "quick": ["fast", "A20-from0.6", "B-quick"],
     "default": ["fast", "A20", "A40", "A20-linear", "A10-from0.6", "A20-from0.6",
                 "A20-linear-from0.5", "B-quick", "B-cap200"],
     "renoise": ["fast-fresh", "fast", "A30-ancestral", "A30-linear-ancestral"],
+    "start": ["fast", "A10-from2", "A20-from2", "A20-from3", "A20-from5", "A30-from3"],
     "all": list(CANDIDATES),
 }
 

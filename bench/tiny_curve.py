@@ -4,8 +4,9 @@
 Points are `bench/recipe_score.py` rows already measured (validation protocols, moving-average
 weights unless the row is a fixed shipped file), placed at their Tiny ImageNet CPU-minutes: the
 process CPU time inside the training steps since the Imagenette-only small64 (21,919 steps) the
-line warm-started from. LINE lists the rows of the line, each with the minutes its arm's
-`cpu_minutes` count from (a decision arm counts from its branch point).
+line warm-started from. LINE lists the rows of the line (each decision's winner continues it, shipped
+or not), each with the minutes its arm's `cpu_minutes` count from (a decision arm counts from its
+branch point).
 
 For each set and readout two fits (least squares, every point equal) bracket the prediction:
 kNN@10 = a + b ln(1 + minutes / 30), a rise that slows as training goes on (the pessimistic
@@ -43,6 +44,9 @@ LINE: list[tuple[str, str, str, float, str]] = [
      "decision 2's branch point: the warm arm at 33,079 steps"),
     ("recipe_lr_schedule.json", "cos", "ema", 92.7,
      "decision 2's winner: cosine 3e-4 -> 0 over 12,000 steps"),
+    # decision 3 branched at 45,079 steps: train_cpu_seconds 21,001.1 - 8,320.2
+    ("recipe_sigma_dist.json", "focus", "ema", 211.3,
+     "decision 3's winner: --sigma-dist focus, a second cosine cycle (not shipped: the rule)"),
 ]
 # set -> (validation protocol, readout key, bar kind, value): issue 26's "Done when"
 BARS = [

@@ -42,12 +42,14 @@ from phisearch.search.reconstruct import SCHEDULES, Schedule
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # a sibling script, not a package
 import recon_fidelity as rf
 
-FAST = SCHEDULES["fast"]
-# Candidates for the default. Unless said, the `fast` settings (3 Adam steps a level at lr 0.03,
-# stop at 5% of the starting loss, 4 draws for the σ-matched target, geometric levels, ancestral
-# re-noising since 2026-12-06).
+# Candidates for the default. Unless said, the settings of `fast` until 2026-12-06 (10 geometric
+# levels σ 1 -> 0.03, 3 Adam steps a level at lr 0.03, stop at 5% of the starting loss, 4 draws
+# for the σ-matched target, ancestral re-noising); `fast` itself is today's preset.
+FAST = Schedule(levels=10, inner_steps=3, lr=0.03, tol=0.05, spacing="geometric", draws=4,
+                renoise="ancestral")
 CANDIDATES: dict[str, Schedule] = {
-    "fast": FAST,                                                  # today: 10 levels 1.0 -> 0.03
+    "fast": SCHEDULES["fast"],                                     # today: 20 levels 5.0 -> 0.03
+    "A10": FAST,                                                   # `fast` until 2026-12-06
     "A20": replace(FAST, levels=20),                               # more levels
     "A40": replace(FAST, levels=40),
     "A20-linear": replace(FAST, levels=20, spacing="linear"),      # the authors' spacing
@@ -64,7 +66,7 @@ CANDIDATES: dict[str, Schedule] = {
                        h0=0.05, beta=0.5, sigma_min=0.03),
     # Keep the noise each level estimated instead of drawing it all anew (DDPM's ancestral step,
     # search/schedules.py RENOISE): unguided, these draw textured scenes where "fresh" draws grey.
-    "fast-fresh": replace(FAST, renoise="fresh"),                  # `fast` before 2026-12-06
+    "fast-fresh": replace(FAST, renoise="fresh"),                  # `fast` before ancestral
     "A30-ancestral": replace(FAST, levels=30, renoise="ancestral"),
     "A30-linear-ancestral": replace(FAST, levels=30, spacing="linear", renoise="ancestral"),
     # Start higher. In an orthonormal basis an image's coarsest components vary far more than σ 1
@@ -82,8 +84,8 @@ LISTS: dict[str, list[str]] = {
     "quick": ["fast", "A20-from0.6", "B-quick"],
     "default": ["fast", "A20", "A40", "A20-linear", "A10-from0.6", "A20-from0.6",
                 "A20-linear-from0.5", "B-quick", "B-cap200"],
-    "renoise": ["fast-fresh", "fast", "A30-ancestral", "A30-linear-ancestral"],
-    "start": ["fast", "A10-from2", "A20-from2", "A20-from3", "A20-from5", "A30-from3"],
+    "renoise": ["fast-fresh", "A10", "A30-ancestral", "A30-linear-ancestral"],
+    "start": ["A10", "A10-from2", "A20-from2", "A20-from3", "A20-from5", "A30-from3"],
     "all": list(CANDIDATES),
 }
 

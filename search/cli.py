@@ -153,6 +153,9 @@ def reconstruct(
     renoise: Annotated[str | None, typer.Option(
         "--renoise", help="Override, algorithm A: fresh | ancestral | ddim (how each level "
         "re-noises; ancestral draws images even unguided).")] = None,
+    sigma_max: Annotated[float | None, typer.Option(
+        "--sigma-max", help="Override: the first noise level (fast: 5; from 1 samples stay "
+        "grey).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Same seed, same samples.")] = 0,
     dataset: Annotated[str | None, typer.Option("--dataset", help="With --key.")] = None,
     checkpoint: CheckpointOpt = None,
@@ -172,7 +175,7 @@ def reconstruct(
     Example: idx reconstruct --image photo.jpg -n 8 --out grid.png --json
 
     \f
-    (Over 80 lines because its 22 options are its signature; the body resolves the target in
+    (Over 80 lines because its 23 options are its signature; the body resolves the target in
     _file_target / _stored_target.)
     """
     from phisearch.indexer.cli.common import progress
@@ -185,7 +188,8 @@ def reconstruct(
     if sum(given) != 1:
         raise typer.BadParameter("give exactly one of --image, --id, --key, --cluster, --vector")
     try:
-        sch = rc.schedule(schedule, levels=levels, inner_steps=steps, lr=lr, renoise=renoise)
+        sch = rc.schedule(schedule, levels=levels, inner_steps=steps, lr=lr, renoise=renoise,
+                          sigma_max=sigma_max)
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--schedule") from None
     if out.suffix.lower() != ".png":

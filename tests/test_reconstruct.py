@@ -169,7 +169,7 @@ def test_cli_image_writes_grid_and_json(tmp_path, mini_shard, tiny_path):
     out = tmp_path / "grid.png"
     r = subprocess.run(IDX + ["reconstruct", "--image", str(img), "-n", "3", "--levels", "2",
                               "--steps", "2", "--renoise", "ancestral", "--seed", "1",
-                              "--checkpoint", tiny_path,
+                              "--sigma-max", "3", "--checkpoint", tiny_path,
                               "--out", str(out), "--json", "--device", "cpu"],
                        check=False, capture_output=True, text=True,
                        env=_env(), timeout=120)
@@ -178,7 +178,7 @@ def test_cli_image_writes_grid_and_json(tmp_path, mini_shard, tiny_path):
     assert len(got["phi_rel_error"]) == 3 and all(e >= 0 for e in got["phi_rel_error"])
     assert got["seconds"] > 0 and got["steps"] == 3 * 2 * 2
     assert got["schedule"]["levels"] == 2 and got["schedule"]["inner_steps"] == 2
-    assert got["schedule"]["renoise"] == "ancestral"
+    assert got["schedule"]["renoise"] == "ancestral" and got["schedule"]["sigma_max"] == 3.0
     with Image.open(out) as grid:
         assert grid.format == "PNG"
         assert grid.size == (4 * 128 + 3 * 4, 128)                      # target + 3 samples, 2x
@@ -198,7 +198,8 @@ def test_cli_bad_input_is_one_line(tmp_path, tiny_path, monkeypatch, capsys):
              (["--vector", str(tmp_path / "none.npy"), "--checkpoint", tiny_path], 1, "no such"),
              (["--image", str(vec), "--vector", str(vec)], 2, "exactly one"),
              (["--vector", str(vec), "--schedule", "slow"], 2, "unknown schedule"),
-             (["--vector", str(vec), "--renoise", "stale"], 2, "unknown renoise")]
+             (["--vector", str(vec), "--renoise", "stale"], 2, "unknown renoise"),
+             (["--vector", str(vec), "--sigma-max", "0.01"], 2, "sigma_min <= sigma_max")]
     for args, code, msg in cases:
         monkeypatch.setattr(sys, "argv", ["idx", "reconstruct", *args, "--out", out])
         with pytest.raises(SystemExit) as e:

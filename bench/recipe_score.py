@@ -21,6 +21,7 @@ repeated calls build the arms' learning curves; a markdown table of all rows is 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import shutil
 import sys
@@ -123,6 +124,20 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def add_row(out: Path, row: dict) -> dict:
+    """Add (or replace, by checkpoint) one row of OUT under an exclusive lock, reading the file
+    afresh: arms scored by parallel processes under one --name each keep their rows."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        doc = json.loads(out.read_text()) if out.is_file() else {"rows": []}
+        doc["rows"] = [r for r in doc["rows"] if r["checkpoint"] != row["checkpoint"]] + [row]
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc, indent=1) + "\n")
+        tmp.replace(out)
+    return doc
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--name", required=True, help="bench/results/recipe_NAME.json")
@@ -159,9 +174,7 @@ def main() -> None:
                 row["cpu_minutes"] = None
             row["seconds"] = round(time.perf_counter() - t0, 1)
             row["torch_threads"] = torch.get_num_threads()
-            doc["rows"] = [r for r in doc["rows"] if r["checkpoint"] != row["checkpoint"]] + [row]
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(doc, indent=1) + "\n")
+            doc = add_row(out, row)
             print(f"scored {row['checkpoint']} in {row['seconds']} s", file=sys.stderr)
     print(table(doc["rows"]))
 

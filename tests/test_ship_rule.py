@@ -1,9 +1,11 @@
-"""scripts/ship_tiny.py's shipping rule and minute count, and bench/shipped_curve.py's table from
-the committed results (no network runs: all read JSON)."""
+"""scripts/ship_tiny.py's shipping rule and minute count, bench/recipe_score.py's rows from
+parallel scorers, and bench/shipped_curve.py's table from the committed results (no network
+runs)."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -83,3 +85,23 @@ def test_cpu_minutes_count_from_the_warm_start_across_resumes_and_branches():
         assert "--origin-cpu-seconds" in str(e)
     else:
         raise AssertionError("a run without its warm start was counted from zero")
+
+
+def test_recipe_rows_from_parallel_scorers_are_all_kept(tmp_path):
+    """Arms scored by separate processes under one --name: each adds its rows under a lock,
+    reading the file afresh (before, the last writer's copy dropped the others' rows)."""
+    script = (f"import sys; sys.path.insert(0, {str(REPO / 'bench')!r}); import recipe_score as rs\n"
+              "from pathlib import Path\n"
+              "for i in range(25):\n"
+              "    rs.add_row(Path(sys.argv[1]), {'checkpoint': f'{sys.argv[2]}-{i}'})\n")
+    out = tmp_path / "recipe_x.json"
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(out), arm]) for arm in "abc"]
+    assert all(p.wait(timeout=120) == 0 for p in procs)
+    rows = json.loads(out.read_text())["rows"]
+    assert sorted(r["checkpoint"] for r in rows) == sorted(f"{a}-{i}" for a in "abc"
+                                                           for i in range(25))
+    rs = _module(REPO / "bench" / "recipe_score.py", "recipe_score")
+    rs.add_row(out, {"checkpoint": "a-0", "new": True})        # the same checkpoint: replaced
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 75 and [r for r in rows if r["checkpoint"] == "a-0"] == [
+        {"checkpoint": "a-0", "new": True}]

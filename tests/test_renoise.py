@@ -47,8 +47,8 @@ def test_schedule_refuses_an_unknown_renoise():
 
 
 def test_unguided_ancestral_samples_have_the_detail_fresh_ones_lack():
-    """The shipped model, the default schedule unguided: "fresh" collapses to a smooth average (SPEC §4's
-    algorithm A is a guided sampler), "ancestral" keeps drawing an image."""
+    """The shipped model, the default schedule unguided: "fresh" collapses to a smooth average
+    (SPEC §4's algorithm A is a guided sampler), "ancestral" keeps drawing an image."""
     model = ckpt.load().model
     sch = replace(rc.SCHEDULES["fast"], inner_steps=0)
     stats = {}
@@ -57,8 +57,8 @@ def test_unguided_ancestral_samples_have_the_detail_fresh_ones_lack():
         stats[how] = rr.image_stats(rec.images())
     # Measured (ancestral vs fresh): small64 at 21,919 steps (Imagenette only) pixel std 0.053 vs
     # 0.029, high-frequency share 0.56 vs 0.18; at 45,079 (+ Tiny ImageNet) 0.038 vs 0.023 and
-    # 0.45 vs 0.31 (real photos: 0.21, 0.30); with today's default (20 levels from σ 5) 0.157 vs
-    # 0.053 and 0.43 vs 0.14.
+    # 0.45 vs 0.31 (real photos: 0.21, 0.30); with today's default (20 levels from σ 5;
+    # bench/results/recon_contrast_45079.json) 0.157 vs 0.053 and 0.43 vs 0.14.
     assert stats["ancestral"]["pixel_std"] > 1.5 * stats["fresh"]["pixel_std"], stats
     assert stats["ancestral"]["high_freq_fraction"] > 1.3 * stats["fresh"]["high_freq_fraction"], \
         stats
@@ -78,8 +78,8 @@ def test_default_schedule_draws_unguided_samples_with_the_contrast_of_photos(min
     photos = np.stack([images.decode(x["jpg"]) for x in wds.WebDataset(mini_shard,
                                                                         shardshuffle=False)])
     real = rr.image_stats(photos)["pixel_std"]
-    # Measured (45,079-step model, 20 levels, 4 samples, seed 0): pixel std 0.046 from σ 1 and
-    # 0.157 from σ 5; the mini shard's photos 0.21.
+    # Measured (45,079-step model, 20 levels, 4 samples, seed 0; bench/results/
+    # recon_contrast_45079.json): pixel std 0.046 from σ 1 and 0.157 from σ 5; photos 0.22.
     assert stats[sch.sigma_max]["pixel_std"] > 2 * stats[1.0]["pixel_std"], stats
     assert stats[sch.sigma_max]["pixel_std"] > 0.5 * real, (stats, real)
     assert stats[sch.sigma_max]["flat_fraction"] == 0.0, stats

@@ -243,11 +243,15 @@ def test_index_page_shows_offline_paths(tmp_path, pixels, tiny_ckpt, monkeypatch
 # ---------------------------------------------------------------- shards (items 2-4)
 
 
+_WRITES = iter(range(1_000_000_000, 2_000_000_000))
+
+
 def write_shard(path: Path, rows: list[tuple[str, dict[str, bytes]]]) -> str:
-    """A shard of (key, {ext: bytes}) rows; its mtime moved on, so a rewrite is always seen."""
+    """A shard of (key, {ext: bytes}) rows; its mtime moved on and its members' tar headers
+    carry a time no other write has, so a rewrite, even of the same rows, is always a change."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".partial")
-    with wds.TarWriter(str(tmp)) as w:
+    with wds.TarWriter(str(tmp), mtime=next(_WRITES)) as w:
         for key, parts in rows:
             w.write({"__key__": key, **parts})
     if path.exists():
@@ -290,6 +294,41 @@ def test_shard_rewritten_while_indexed_is_indexed_again(tmp_path, mini_shard, ti
     second = build(shard_cfg(store, [str(shard)], tiny_ckpt, batch_size=2))
     assert (second["shards_changed"], second["indexed"]) == (1, 4)
     assert sorted(keys_in(store)) == sorted(k for k, _ in rows[6:])
+
+
+def test_a_shard_with_a_new_mtime_and_the_same_bytes_stays_done(tmp_path, mini_shard, tiny_ckpt):
+    """A dataset copied or re-provisioned (new mtimes, same bytes) is not re-embedded and its
+    points keep what was stored on them; the same size with other bytes is still a change."""
+    rows = read_samples(mini_shard, 6)
+    shard = named(tmp_path / "ds", "ds") / "s.tar"
+    write_shard(shard, rows)
+    store = tmp_path / "store"
+    cfg = shard_cfg(store, [str(shard)], tiny_ckpt)
+    assert build(cfg)["indexed"] == 6
+    key = os.path.realpath(shard)
+    with open_store(StoreConfig(path=str(store))) as st:
+        st.set_payload({h.id: {"cluster": 7} for h in st.scroll()})
+        records = st.get_doc("shards")
+        assert len(records[key].pop("sha256")) == 64   # as an index built before hashes were kept
+        st.put_doc("shards", records)
+    assert build(cfg)["shards_already_done"] == 1      # ... which this run backfills
+    copy = tmp_path / "copy.tar"
+    shutil.copy(shard, copy)                 # a copy: same bytes, a new mtime
+    os.replace(copy, shard)
+    with open_store(StoreConfig(path=str(store))) as st:
+        assert st.get_doc("shards")[key]["fingerprint"] != f"{os.stat(shard).st_size}:" \
+            f"{os.stat(shard).st_mtime_ns}"
+    again = build(cfg)
+    assert (again["indexed"], again["shards_already_done"], again["shards_changed"]) == (0, 1, 0)
+    with open_store(StoreConfig(path=str(store))) as st:
+        assert [h.payload.get("cluster") for h in st.scroll()] == [7] * 6
+        rec = st.get_doc("shards")[key]
+    assert rec["fingerprint"] == f"{os.stat(shard).st_size}:{os.stat(shard).st_mtime_ns}"
+    size = os.stat(shard).st_size
+    write_shard(shard, rows)                 # the same rows, other header bytes: same size
+    assert os.stat(shard).st_size == size
+    changed = build(cfg)
+    assert (changed["indexed"], changed["shards_changed"]) == (6, 1)
 
 
 def test_changed_shard_keeps_the_points_of_a_shard_with_its_name_elsewhere(

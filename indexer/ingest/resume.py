@@ -2,7 +2,9 @@
 
 A shard is done when the writer has stored its last point; its record (keyed by resolved path:
 sources.shards.shard_key) holds its fingerprint as taken when the run planned it, before any
-of it was read, so a shard rewritten while it is indexed is indexed again by the next run. A
+of it was read, so a shard rewritten while it is indexed is indexed again by the next run, and
+the sha256 of its bytes: a shard whose size is the same but whose mtime moved (a dataset copied,
+restored or re-provisioned) is compared by content and stays done when its bytes are. A
 changed shard is indexed again and the points it no longer holds are deleted: the points whose
 `shard_url` is that shard, never those of a shard with the same file name in another folder.
 """
@@ -15,7 +17,7 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
-from phisearch.indexer.sources.shards import fingerprint, folder_info, shard_key
+from phisearch.indexer.sources.shards import content_hash, fingerprint, folder_info, shard_key
 from phisearch.indexer.store import LAST_RUN_DOC, SHARDS_DOC, Store
 
 log = logging.getLogger(__name__)
@@ -49,7 +51,9 @@ def load_records(store: Store, urls: list[str], write: bool = True) -> dict:
 def plan(urls: list[str], records: dict, fingerprints: dict[str, str] | None = None
          ) -> tuple[list[str], list[str], list[str]]:
     """(to index, already done, changed since done). A shard is done by name and fingerprint
-    (a record without one is to be redone). `fingerprints`, when given, gets each shard's."""
+    (a record without one is to be redone), or by content when only its mtime moved (its
+    record then takes the new fingerprint, in `records`: the caller writes them back).
+    `fingerprints`, when given, gets each shard's."""
     todo, done, changed = [], [], []
     for url in urls:
         rec = records.get(url)
@@ -60,10 +64,35 @@ def plan(urls: list[str], records: dict, fingerprints: dict[str, str] | None = N
             todo.append(url)
         elif rec.get("fingerprint") == fp:
             done.append(url)
+        elif same_content(url, rec, fp):
+            log.info("shard %s: new mtime, same bytes (sha256): already done", url)
+            rec["fingerprint"] = fp
+            done.append(url)
         else:
             todo.append(url)
             changed.append(url)
     return todo, done, changed
+
+
+def sha256_if_unchanged(url: str, fp: str | None) -> str | None:
+    """The shard's content hash for same_content: None for a pipe, an unreadable file or one
+    whose fingerprint is not `fp` once hashed (it changed meanwhile)."""
+    try:
+        sha = content_hash(url)
+        return sha if fingerprint(url) == fp else None
+    except OSError:
+        return None
+
+
+def same_content(url: str, rec: dict, fp: str) -> bool:
+    """A done shard's file has its recorded size and sha256 (read only when the size matches)."""
+    old, sha = rec.get("fingerprint"), rec.get("sha256")
+    if old is None or sha is None or old.split(":")[0] != fp.split(":")[0]:
+        return False
+    try:
+        return content_hash(url) == sha
+    except OSError:
+        return False
 
 
 @dataclass
@@ -81,7 +110,15 @@ def prepare_run(store: Store, urls: list[str], dataset: str | None, **note) -> R
     shows what it left pending (`note`: extra fields for that record)."""
     records = load_records(store, urls)
     fingerprints: dict[str, str] = {}
+    before = {u: records[u].get("fingerprint") for u in urls if u in records}
     todo, already, changed = plan(urls, records, fingerprints)
+    backfill = [u for u in already if not u.startswith("pipe:") and not records[u].get("sha256")]
+    for url in backfill:   # done by a version that kept no hash: read once, so a copy resumes
+        records[url]["sha256"] = sha256_if_unchanged(url, fingerprints[url])
+    if backfill:
+        log.info("content hashes recorded for %d shards done before they were kept", len(backfill))
+    if backfill or any(records[u]["fingerprint"] != before[u] for u in already):
+        store.put_doc(SHARDS_DOC, records)   # new fingerprints of shards done by content, hashes
     stale = {}
     known = set(records) | set(urls)
     for url in changed:

@@ -17,7 +17,7 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
-from phisearch.indexer.ingest.resume import same_shard
+from phisearch.indexer.ingest.resume import same_shard, sha256_if_unchanged
 from phisearch.indexer.sources.folders import doc_name
 from phisearch.indexer.sources.records import Skip
 from phisearch.indexer.sources.shards import fingerprint, shard_key
@@ -132,6 +132,8 @@ class Writer(threading.Thread):
         if now != rec["fingerprint"]:
             log.warning("shard %s changed while it was indexed: the next run indexes it again",
                         url)
+        else:
+            rec["sha256"] = sha256_if_unchanged(url, now)
         gone = self.stale.pop(url, set()) - rec.pop("_ids")
         if gone:
             rec["deleted"] = self.store.delete(ids=sorted(gone))
@@ -157,6 +159,7 @@ class Writer(threading.Thread):
     @staticmethod
     def _redo(url: str, rec: dict, why: str) -> None:
         rec["fingerprint"] = None   # plan(): not done, so the next run indexes it again
+        rec.pop("sha256", None)
         log.info("shard %s is indexed again by the next run: %s", url, why)
 
     def _apply(self, root: str, u: FolderUpdate) -> None:

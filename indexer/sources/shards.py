@@ -8,6 +8,7 @@ sample it holds, so the writer can mark a shard complete exactly when its last p
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import logging
 import os
@@ -84,6 +85,15 @@ def fingerprint(url: str) -> str:
         return "pipe"
     st = os.stat(url)
     return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def content_hash(url: str) -> str | None:
+    """sha256 of a shard file's bytes (None for pipes). Resume compares it when a shard's size is
+    unchanged and its mtime is not: a copied or restored dataset is then done, not re-embedded."""
+    if url.startswith("pipe:"):
+        return None
+    with open(url, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 @dataclass(frozen=True)

@@ -94,6 +94,17 @@ def test_sigma_distributions():
         sample_sigmas(4, torch.Generator(), "log")
 
 
+def test_wide_sigmas_reach_where_reconstruction_starts():
+    """wide: a quarter above σ 1 (log-uniform up to 5: median √5), the rest as focus draws."""
+    wide = sample_sigmas(200_000, torch.Generator().manual_seed(0), "wide")
+    assert 0 <= wide.min() and wide.max() <= 5.0
+    high = wide[wide > 1]
+    assert abs(high.numel() / wide.numel() - 0.25) < 0.005
+    assert abs(high.median().item() - 5 ** 0.5) < 0.02
+    assert abs(((wide >= 0.1) & (wide <= 0.4)).float().mean().item()
+               - (0.25 + 0.25 * (0.4 ** 0.5 - 0.1 ** 0.5))) < 0.005
+
+
 def test_sigma_dist_is_recorded(tmp_path, mini_shard):
     path = train(tiny_cfg(mini_shard, tmp_path, 2, sigma_dist="uniform"))
     assert json.loads(path.with_suffix(".json").read_text())["train"]["sigma_dist"] == "uniform"

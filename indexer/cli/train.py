@@ -49,7 +49,8 @@ def train(
     sigma_dist: Annotated[str, typer.Option(
         "--sigma-dist", help="Training noise levels: paper (√σ uniform on [0, 1], SPEC §1) | "
         "uniform (σ uniform: large σ 3x as often) | focus (a third each: paper, [0.1, 0.4] "
-        "where φ is read, [0.6, 1] where sampling starts).")] = "paper",
+        "where φ is read, [0.6, 1]) | wide (a quarter each: focus's three and log-uniform "
+        "[1, 5], where the default reconstruction starts).")] = "paper",
     lr_schedule: Annotated[str, typer.Option(
         "--lr-schedule", help="halve (halve every --halve-every-epochs, SPEC) | cosine | linear "
         "(decay to 0 over --schedule-steps from this run's first step).")] = "halve",

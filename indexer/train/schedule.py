@@ -12,17 +12,20 @@ from dataclasses import dataclass
 
 import torch
 
-SIGMA_DISTS = ("paper", "uniform", "focus")
+SIGMA_DISTS = ("paper", "uniform", "focus", "wide")
 LR_SCHEDULES = ("halve", "cosine", "linear")
 
 
 def sample_sigmas(n: int, generator: torch.Generator, dist: str = "paper") -> torch.Tensor:
-    """σ ∈ [0, 1], one per image.
+    """σ, one per image: in [0, 1], or [0, 5] for `wide`.
 
     paper:   √σ uniform, density ∝ σ^-1/2, small σ frequent (SPEC §1).
     uniform: flat, so large σ (where only global content helps) are drawn 3x as often (issue 9).
     focus:   a third each from `paper`, uniform on [0.1, 0.4] (where φ is read: σ 0.2) and
-             uniform on [0.6, 1.0] (where guided sampling starts: σ 1.0), issue 26.
+             uniform on [0.6, 1.0] (where guided sampling started: σ 1.0), issue 26.
+    wide:    a quarter each of focus's three parts and log-uniform on [1, 5]: the default
+             reconstruction schedule now starts at σ 5 (search/schedules.py), where a network
+             trained on [0, 1] extrapolates.
     """
     if dist not in SIGMA_DISTS:
         raise ValueError(f'unknown sigma distribution "{dist}"; choose from {SIGMA_DISTS}')
@@ -31,6 +34,12 @@ def sample_sigmas(n: int, generator: torch.Generator, dist: str = "paper") -> to
         return u ** 2
     if dist == "uniform":
         return u
+    if dist == "wide":
+        part = torch.randint(0, 4, (n,), generator=generator)
+        v = torch.rand(n, generator=generator)
+        high = 5.0 ** v                                  # log-uniform on [1, 5]
+        return torch.where(part == 0, u ** 2, torch.where(
+            part == 1, 0.1 + 0.3 * v, torch.where(part == 2, 0.6 + 0.4 * v, high)))
     part = torch.randint(0, 3, (n,), generator=generator)
     v = torch.rand(n, generator=generator)
     return torch.where(part == 0, u ** 2, torch.where(part == 1, 0.1 + 0.3 * v, 0.6 + 0.4 * v))

@@ -49,7 +49,7 @@ LINE: list[tuple[str, str, str, float, str]] = [
      "decision 3's winner: --sigma-dist focus, a second cosine cycle (not shipped: the rule)"),
     # decisions 4/5 branched at 57,079 steps: train_cpu_seconds 26,664.0 - 8,320.2
     ("recipe_res_batch.json", "base", "ema", 305.7,
-     "decisions 4/5's winner: 64x64, batch 32, a third cosine cycle"),
+     "decisions 4/5's winner: 64x64, batch 32, a third cosine cycle (shipped)"),
 ]
 # set -> (validation protocol, readout key, bar kind, value): issue 26's "Done when"
 BARS = [

@@ -51,9 +51,9 @@ def load_records(store: Store, urls: list[str], write: bool = True) -> dict:
 def plan(urls: list[str], records: dict, fingerprints: dict[str, str] | None = None
          ) -> tuple[list[str], list[str], list[str]]:
     """(to index, already done, changed since done). A shard is done by name and fingerprint
-    (a record without one is to be redone), or by content when only its mtime moved (its
-    record then takes the new fingerprint, in `records`: the caller writes them back).
-    `fingerprints`, when given, gets each shard's."""
+    (a record without one is to be redone), or by content when only its mtime moved
+    (prepare_run then records the new fingerprint). `fingerprints`, when given, gets each
+    shard's."""
     todo, done, changed = [], [], []
     for url in urls:
         rec = records.get(url)
@@ -66,7 +66,6 @@ def plan(urls: list[str], records: dict, fingerprints: dict[str, str] | None = N
             done.append(url)
         elif same_content(url, rec, fp):
             log.info("shard %s: new mtime, same bytes (sha256): already done", url)
-            rec["fingerprint"] = fp
             done.append(url)
         else:
             todo.append(url)
@@ -89,10 +88,7 @@ def same_content(url: str, rec: dict, fp: str) -> bool:
     old, sha = rec.get("fingerprint"), rec.get("sha256")
     if old is None or sha is None or old.split(":")[0] != fp.split(":")[0]:
         return False
-    try:
-        return content_hash(url) == sha
-    except OSError:
-        return False
+    return sha256_if_unchanged(url, fp) == sha
 
 
 @dataclass
@@ -110,15 +106,17 @@ def prepare_run(store: Store, urls: list[str], dataset: str | None, **note) -> R
     shows what it left pending (`note`: extra fields for that record)."""
     records = load_records(store, urls)
     fingerprints: dict[str, str] = {}
-    before = {u: records[u].get("fingerprint") for u in urls if u in records}
     todo, already, changed = plan(urls, records, fingerprints)
-    backfill = [u for u in already if not u.startswith("pipe:") and not records[u].get("sha256")]
-    for url in backfill:   # done by a version that kept no hash: read once, so a copy resumes
-        records[url]["sha256"] = sha256_if_unchanged(url, fingerprints[url])
-    if backfill:
-        log.info("content hashes recorded for %d shards done before they were kept", len(backfill))
-    if backfill or any(records[u]["fingerprint"] != before[u] for u in already):
-        store.put_doc(SHARDS_DOC, records)   # new fingerprints of shards done by content, hashes
+    dirty = False
+    for url in already:
+        rec = records[url]
+        if rec["fingerprint"] != fingerprints[url]:   # done by content: same bytes, new mtime
+            rec["fingerprint"], dirty = fingerprints[url], True
+        if not url.startswith("pipe:") and not rec.get("sha256"):
+            # done by a version that kept no hash: read once, so a later copy resumes
+            rec["sha256"], dirty = sha256_if_unchanged(url, fingerprints[url]), True
+    if dirty:
+        store.put_doc(SHARDS_DOC, records)
     stale = {}
     known = set(records) | set(urls)
     for url in changed:

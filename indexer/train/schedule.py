@@ -34,15 +34,10 @@ def sample_sigmas(n: int, generator: torch.Generator, dist: str = "paper") -> to
         return u ** 2
     if dist == "uniform":
         return u
-    if dist == "wide":
-        part = torch.randint(0, 4, (n,), generator=generator)
-        v = torch.rand(n, generator=generator)
-        high = 5.0 ** v                                  # log-uniform on [1, 5]
-        return torch.where(part == 0, u ** 2, torch.where(
-            part == 1, 0.1 + 0.3 * v, torch.where(part == 2, 0.6 + 0.4 * v, high)))
-    part = torch.randint(0, 3, (n,), generator=generator)
+    part = torch.randint(0, 3 if dist == "focus" else 4, (n,), generator=generator)
     v = torch.rand(n, generator=generator)
-    return torch.where(part == 0, u ** 2, torch.where(part == 1, 0.1 + 0.3 * v, 0.6 + 0.4 * v))
+    parts = torch.stack([u ** 2, 0.1 + 0.3 * v, 0.6 + 0.4 * v, 5.0 ** v])  # wide: + log-uniform
+    return parts.gather(0, part[None]).squeeze(0)
 
 
 @dataclass(frozen=True)

@@ -79,19 +79,21 @@ def psnr_images() -> dict[str, object]:
 
 
 def score(path: Path, protocols: list[str], cache: str | None, images: dict,
-          origin_cpu_seconds: float | None = None) -> dict:
+          origin_cpu_seconds: float | None = None, readout: str = READOUT) -> dict:
     """One checkpoint's row. `origin_cpu_seconds`: the arm's CPU-minutes count from there (a
-    branch of another run's folder, Adam state and all), else from its warm start."""
+    branch of another run's folder, Adam state and all), else from its warm start. `readout`:
+    the whitened readout scored as "phi" (fitted on each gallery)."""
     c = ckpt.load(path)
     cpu = arm_cpu_minutes(c.info, origin_cpu_seconds)
     row: dict = {"checkpoint": str(path.relative_to(REPO)), "steps": c.info.get("steps"),
                  "epochs": c.info.get("epochs"), "cpu_minutes": cpu,
-                 "model_sha256": c.sha256[:12], "knn@10": {}, "nmi": {}, "psnr_0.1": {}}
+                 "model_sha256": c.sha256[:12], "readout": readout, "knn@10": {}, "nmi": {},
+                 "psnr_0.1": {}}
     for name in protocols:
         queries, gallery, sel = PROTOCOLS[name]
-        st = EvalSettings(sigma=0.2, draws=4, readouts=("mid", READOUT), refit_whitening=True,
+        st = EvalSettings(sigma=0.2, draws=4, readouts=("mid", readout), refit_whitening=True,
                           cache_dir=cache, **sel)
-        r = evaluate(c, queries, gallery, READOUT, st)
+        r = evaluate(c, queries, gallery, readout, st)
         row["knn@10"][name] = {k: r["representations"][k]["knn@10"] for k in KEEP}
         row["nmi"][name] = {k: r["representations"][k]["nmi"] for k in KEEP}
     for name, imgs in images.items():

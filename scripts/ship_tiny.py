@@ -9,8 +9,8 @@ they qualify (issue 26's rule). Every step is a command that could be run by han
  3. the rule: ship when Tiny ImageNet validation kNN@10 rises for the default readout or the
     paper's φ, and no test kNN@10 of either falls by more than the noise of its queries (one
     binomial standard error at p = 0.5: 0.011 for 2,010 Tiny queries, 0.016 for 1,000 Imagenette);
- 4. idx fit-readout on Tiny ImageNet training images (the first 10,050 in shard order; K = 128
-    default, 256 beside it);
+ 4. idx fit-readout on Tiny ImageNet training images (the first 10,050 in shard order; K = 256
+    default, 128 beside it);
  5. idx denoise-eval on 1,000 Tiny ImageNet val and 1,000 Imagenette test images;
  6. checkpoint.ship: fp16 copy into indexer/model/checkpoints/small64.*;
  7. idx eval --sigmas '' of the shipped file on tiny-test and imagenette-test ->
@@ -40,7 +40,10 @@ from protocols import PROTOCOLS, TINY, TINY_TRAIN, cli_args
 RESULTS = REPO / "bench" / "results"
 IDX = [str(Path(sys.executable).parent / "idx")]   # the environment's own CLI
 NOISE = {"tiny": 0.011, "imagenette": 0.016}
-READOUT = "blocks+white128+l2"
+# The default readout; K = 256 since the 69,079-step model's validation sweep
+# (bench/k_sweep.py -> bench/results/k_sweep_69079.json); K = 128 is fitted beside it.
+READOUT = "blocks+white256+l2"
+BESIDE = "blocks+white128+l2"
 
 
 def run(cmd: list[str], stdout: Path | None = None) -> None:
@@ -64,6 +67,13 @@ def snapshot(run_dir: Path, dst_dir: Path, weights: str = "model") -> tuple[Path
     if c.sha256 != c.info.get("weights_sha256"):
         raise SystemExit(f"{run_dir}: weights and record come from two saves; run again")
     return dst, step
+
+
+def scored_row(rows: list[dict], sha12: str) -> dict | None:
+    """A row of recipe_ship.json already scored for these weights with today's READOUT (rows
+    written before the K = 256 switch carry no "readout" and were scored with K = 128)."""
+    return next((r for r in rows if r["model_sha256"] == sha12
+                 and r.get("readout", BESIDE) == READOUT), None)
 
 
 def decide(old: dict, new: dict) -> tuple[bool, list[str]]:
@@ -135,10 +145,10 @@ def main() -> None:
     rows = {}
     for label, path in (("shipped", ckpt.resolve("small64")), ("candidate", snap)):
         sha = ckpt.load(path).sha256[:12]
-        row = next((r for r in doc["rows"] if r["model_sha256"] == sha), None)
+        row = scored_row(doc["rows"], sha)
         if row is None:
             row = dict(arm=label, weights=a.weights if label == "candidate" else "fixed",
-                       **rs.score(path, protos, str(a.cache), images))
+                       **rs.score(path, protos, str(a.cache), images, readout=READOUT))
             doc["rows"].append(row)
             evidence.write_text(json.dumps(doc, indent=1) + "\n")
         rows[label] = row
@@ -151,7 +161,7 @@ def main() -> None:
     fitted = a.ship_dir / f"{snap.stem}-fitted.safetensors"
     fitted.unlink(missing_ok=True)
     run([*IDX, "fit-readout", "--checkpoint", str(snap), "--data", TINY_TRAIN, "--l2",
-         "--limit", "10050", "--dims", "128", "--dims", "256", "--out", str(fitted)])
+         "--limit", "10050", "--dims", "256", "--dims", "128", "--out", str(fitted)])
     tiny_val = str(TINY / "tinyimagenet-val-{000000..000010}.tar.gz")
     de_tiny, de_nette = RESULTS / "denoise_eval_small64_tiny.json", \
         RESULTS / "denoise_eval_small64.json"
@@ -185,7 +195,7 @@ def main() -> None:
     for proto, name in (("tiny-test", "eval_small64_tiny"), ("imagenette-test", "eval_small64")):
         ev_json = RESULTS / f"{name}.json"
         run([*IDX, "eval", "--checkpoint", "small64", *cli_args(proto), "--sigmas", "",
-             "--readouts", f"mid,{READOUT},blocks+white256+l2", "--cache", str(a.cache),
+             "--readouts", f"mid,{READOUT},{BESIDE}", "--cache", str(a.cache),
              "--out", str(ev_json), "--markdown", str(ev_json.with_suffix(".md"))])
         key = "eval_tiny" if proto == "tiny-test" else "eval"
         info[key] = eval_summary(json.loads(ev_json.read_text()), f"bench/results/{name}.json")

@@ -49,6 +49,16 @@ def _row(tiny_val, tiny_test, nette_val=0.5, nette_test=0.5):
                        "imagenette-test": reps((nette_test, 0.3))}}
 
 
+def test_a_row_scored_with_another_readout_is_scored_again():
+    ship = _module(REPO / "scripts" / "ship_tiny.py", "ship_tiny")
+    assert ship.READOUT == "blocks+white256+l2"    # bench/results/k_sweep_69079.json
+    old = {"model_sha256": "f11229b5a4a2"}           # before the switch: K = 128, no "readout"
+    new = {"model_sha256": "f11229b5a4a2", "readout": "blocks+white256+l2"}
+    assert ship.scored_row([old], "f11229b5a4a2") is None
+    assert ship.scored_row([old, new], "f11229b5a4a2") is new
+    assert ship.scored_row([new], "0ea2d0c2de53") is None
+
+
 def test_tiny_rule_ships_on_a_tiny_validation_rise_and_refuses_a_test_fall_beyond_noise():
     ship = _module(REPO / "scripts" / "ship_tiny.py", "ship_tiny")
     old = _row((0.097, 0.022), (0.097, 0.026))

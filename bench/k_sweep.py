@@ -68,6 +68,8 @@ def score(fitted: Path, proto: str, dims: list[int], cache: Path) -> dict[str, f
         vq, vg = (r.vectors({t: torch.from_numpy(f[t]) for t in r.taps}) for f in (fq, fg))
         out[label] = round(retrieval_metrics(vq, ql, vg, gl)["knn@10"], 4)
     return out
+
+
 PROTOS = ("tiny-val", "imagenette-val", "tiny-test", "imagenette-test")
 
 

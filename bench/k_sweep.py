@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -31,20 +30,26 @@ sys.path.insert(0, str(REPO / "bench"))
 from protocols import PROTOCOLS, TINY_TRAIN
 
 IDX = str(Path(sys.executable).parent / "idx")
-TAPS = ("E1.out", "E2.out", "E3.out", "M.out")
 
 
 def passes(model, sha: str, images: np.ndarray, cache: Path) -> dict[str, np.ndarray]:
     """Tap means of `images` at σ 0.2, 4 draws, seed 0: idx eval's cache file, else a pass."""
-    from phisearch.search.evaluate import cache_name, embed_images, images_digest
+    from phisearch.indexer.model.readout import READOUT_TAPS
+    from phisearch.search.evaluate import (
+        cache_name,
+        embed_images,
+        images_digest,
+        read_cache,
+        write_cache,
+    )
+    taps = READOUT_TAPS["blocks"]
     path = cache / cache_name(sha, images_digest(images), 0.2, 4, 0, "cpu")
-    if path.is_file():
-        with np.load(path) as z:
-            return {t: z[t] for t in TAPS}
+    got, _, found = read_cache(path, taps)
+    if found:
+        return got
     t0 = time.perf_counter()
-    got = embed_images(model, images, 0.2, 4, 0, TAPS)
-    np.savez(path.with_suffix(".tmp.npz"), __seconds__=np.float64(time.perf_counter() - t0), **got)
-    os.replace(path.with_suffix(".tmp.npz"), path)
+    got = embed_images(model, images, 0.2, 4, 0, taps)
+    write_cache(path, got, time.perf_counter() - t0)
     return got
 
 

@@ -238,18 +238,18 @@ class _Run:
         # The queries and the gallery are cached apart, so a protocol that shares its gallery
         # with another (validation and test queries) embeds only its own queries. φ's noise is
         # seeded per image (CONTRACT.md), so the parts are the vectors of the whole.
-        got, dt, cached = _read_cache(self.cache_path(net, self.images_sha, sigma, draws), taps)
+        got, dt, cached = read_cache(self.cache_path(net, self.images_sha, sigma, draws), taps)
         if got is None:
             parts, dt, cached = [], 0.0, True
             for imgs in (self.q_img, self.g_img):
                 path = self.cache_path(net, images_digest(imgs), sigma, draws)
-                part, sec, hit = _read_cache(path, taps)
+                part, sec, hit = read_cache(path, taps)
                 if part is None:
                     t0 = time.perf_counter()
                     part = embed_images(net.model, imgs, sigma, draws, st.seed, taps,
                                         st.batch_size, step)
                     sec = time.perf_counter() - t0
-                    _write_cache(path, part, sec)
+                    write_cache(path, part, sec)
                 else:
                     step(len(imgs))
                 parts.append(part)
@@ -366,7 +366,7 @@ class _Run:
         return img_per_s, cached
 
 
-def _read_cache(cache: Path | None, taps: Sequence[str]) -> tuple[dict | None, float, bool]:
+def read_cache(cache: Path | None, taps: Sequence[str]) -> tuple[dict | None, float, bool]:
     """(tap means, the seconds of the pass that made them, found) from a cache file."""
     if cache is None or not cache.is_file():
         return None, 0.0, False
@@ -376,7 +376,7 @@ def _read_cache(cache: Path | None, taps: Sequence[str]) -> tuple[dict | None, f
     return None, 0.0, False
 
 
-def _write_cache(cache: Path | None, got: dict, seconds: float) -> None:
+def write_cache(cache: Path | None, got: dict, seconds: float) -> None:
     if cache is None:
         return
     cache.parent.mkdir(parents=True, exist_ok=True)

@@ -117,3 +117,29 @@ def test_a_branch_keeps_adam_and_counters_and_starts_its_own_schedule(tmp_path, 
         branch(trunk, side)
     with pytest.raises(FileNotFoundError):
         branch(tmp_path / "none", tmp_path / "x")
+
+
+def test_a_kept_run_resumes_exactly_and_a_copy_between_saves_is_refused(tmp_path, mini_shard):
+    """A run kept in the repository (scripts/keep_run.py) comes back as the same run: steps,
+    CPU time, weights and Adam's moments; a folder whose files disagree on the step (the trainer
+    caught between saves) is not kept; a restore never overwrites a run."""
+    from phisearch.indexer.train.loop import Trainer
+    from phisearch.indexer.train.state import keep, restore, saved_steps
+
+    run, kept, back = tmp_path / "run", tmp_path / "kept" / "run", tmp_path / "back"
+    train(tiny_cfg(mini_shard, run, 4, ema=0.9))
+    assert keep(run, kept) == 4
+    assert saved_steps(kept) == {"model": 4, "ema": 4, "state": 4}
+    assert restore(kept, back) == 4
+    a, b = Trainer(tiny_cfg(mini_shard, run, 8, ema=0.9)), Trainer(tiny_cfg(mini_shard, back, 8, ema=0.9))
+    assert b.state["step"] == 4 and b.state["cpu_seconds"] == a.state["cpu_seconds"] > 0
+    for p, q in zip(a.model.parameters(), b.model.parameters(), strict=True):
+        assert torch.equal(p, q)
+        assert torch.equal(a.opt.state[p]["exp_avg"], b.opt.state[q]["exp_avg"])
+    with pytest.raises(FileExistsError):
+        restore(kept, back)
+    info = json.loads((run / "ema.json").read_text())
+    (run / "ema.json").write_text(json.dumps({**info, "steps": 3}))
+    with pytest.raises(RuntimeError, match="do not agree"):
+        keep(run, tmp_path / "kept" / "other", tries=2, wait=0.01)
+    assert not (tmp_path / "kept" / "other").exists()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -94,3 +95,59 @@ def branch(src: Path, dst: Path) -> dict:
     meta.update(schedule_start=None, branched_from=f"{src}@{meta.get('step')}")
     _write(dst / "train_state.safetensors", tensors, meta)
     return meta
+
+
+KEEP_FILES = (*BRANCH_FILES, "train_state.safetensors", "train_log.jsonl")
+
+
+def saved_steps(run: Path) -> dict[str, int | None]:
+    """The step each of a run's files records (model, moving average, Adam's state)."""
+    run = Path(run)
+
+    def json_steps(name: str) -> int | None:
+        p = run / name
+        return json.loads(p.read_text()).get("steps") if p.is_file() else None
+
+    state = run / "train_state.safetensors"
+    return {"model": json_steps("model.json"), "ema": json_steps("ema.json"),
+            "state": _read(state)[0].get("step") if state.is_file() else None}
+
+
+def keep(run: Path, dst: Path, tries: int = 60, wait: float = 5.0) -> int:
+    """Copy one consistent save of a run (every file at the same step) to `dst`, replacing it:
+    how a run outlives a session whose run folders are not kept (scripts/keep_run.py). A copy
+    that catches the trainer between files waits for its next save. Returns the step."""
+    run, dst = Path(run), Path(dst)
+    if not (run / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{run}: no run to keep")
+    for attempt in range(tries):
+        s = saved_steps(run)
+        if len({v for v in s.values() if v is not None}) == 1:
+            tmp = dst.with_name(dst.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            for name in KEEP_FILES:
+                if (run / name).is_file():
+                    shutil.copyfile(run / name, tmp / name)
+            if saved_steps(tmp) == s:      # no save landed while we copied
+                shutil.rmtree(dst, ignore_errors=True)
+                tmp.rename(dst)
+                return s["model"]
+            shutil.rmtree(tmp)
+        if attempt + 1 < tries:
+            time.sleep(wait)
+    raise RuntimeError(f"{run}: its files do not agree on a step: {saved_steps(run)}")
+
+
+def restore(kept: Path, run: Path) -> int:
+    """Put a kept run back into a run folder, to resume it exactly; never over a run."""
+    kept, run = Path(kept), Path(run)
+    if not (kept / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{kept}: no kept run")
+    if (run / "model.safetensors").exists():
+        raise FileExistsError(f"{run}: already holds a run; not overwritten")
+    run.mkdir(parents=True, exist_ok=True)
+    for name in KEEP_FILES:
+        if (kept / name).is_file():
+            shutil.copyfile(kept / name, run / name)
+    return saved_steps(run)["model"]

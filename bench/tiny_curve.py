@@ -50,6 +50,10 @@ LINE: list[tuple[str, str, str, float, str]] = [
     # decisions 4/5 branched at 57,079 steps: train_cpu_seconds 26,664.0 - 8,320.2
     ("recipe_res_batch.json", "base", "ema", 305.7,
      "decisions 4/5's winner: 64x64, batch 32, a third cosine cycle (shipped)"),
+    # scripts/train_line.sh, scored with --arm line=runs/line@8320.2: minutes since small64
+    ("recipe_line.json", "line", "ema", 0.0,
+     "the line: decision 6's winner (wide) again from the shipped model, cosine 1e-4 -> 0 over "
+     "18,000 steps"),
 ]
 # set -> (validation protocol, readout key, bar kind, value): issue 26's "Done when"
 BARS = [

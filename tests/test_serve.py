@@ -117,7 +117,9 @@ def test_phi_of_stored_pixels_equals_the_stored_vector(built, base_url):
         assert r.status_code == 200, r.text
         out = r.json()
         hit, meta = stored(cfg, raw["__key__"])
-        np.testing.assert_allclose(out["phi"], hit.vector, rtol=1e-5, atol=1e-6)
+        # one image alone vs in a build's batch: the last float32 bits differ by BLAS path (seen
+        # 2e-6 on an AVX-512 host), far below what a wrong model or readout makes
+        np.testing.assert_allclose(out["phi"], hit.vector, rtol=0, atol=1e-5)
         idx, vals = hit.sparse
         assert out["phi_sparse"]["indices"] == sorted(idx)
         np.testing.assert_allclose(out["phi_sparse"]["values"],

@@ -153,6 +153,7 @@ def test_refit_readout_in_place_is_refused_by_a_running_serve(refit_case, halves
     with TestClient(create_app(cfg)) as c:
         assert c.get("/healthz").status_code == 200
         assert c.post("/search", params={"k": 1}, content=jpg[key]).json()["hits"][0]["key"] == key
+        before = np.asarray(c.post("/phi", content=jpg[key]).json()["phi"])
         refit_case["refit"]()
         for r in (c.post("/search", params={"k": 1}, content=jpg[key]),
                   c.post("/phi", content=jpg[key])):
@@ -174,7 +175,10 @@ def test_refit_readout_in_place_is_refused_by_a_running_serve(refit_case, halves
         with open_store(cfg) as st:
             hit, = list(st.scroll({"key": key}, with_vectors=True))
         assert stored_meta(cfg)["readout_sha256"] != refit_case["meta"]["readout_sha256"]
-        np.testing.assert_allclose(r.json()["phi"], hit.vector, rtol=1e-5, atol=1e-6)
+        # one image alone vs in a build's batch: the last float32 bits differ by BLAS path (seen
+        # 2e-6 on an AVX-512 host); the whitening before the refit is far off
+        np.testing.assert_allclose(r.json()["phi"], hit.vector, rtol=0, atol=1e-5)
+        assert np.abs(np.asarray(r.json()["phi"]) - before).max() > 1e-2
         r = c.get("/healthz")
         assert r.status_code == 200 and r.json()["model"]["state"] == "loaded", r.text
 

@@ -87,10 +87,7 @@ def branch(src: Path, dst: Path) -> dict:
         raise FileNotFoundError(f"{src}: no run to branch (needs model and train_state)")
     if dst.exists() and any(dst.iterdir()):
         raise FileExistsError(f"{dst}: exists and is not empty")
-    dst.mkdir(parents=True, exist_ok=True)
-    for name in BRANCH_FILES:
-        if (src / name).is_file():
-            shutil.copyfile(src / name, dst / name)
+    _copy(src, dst, BRANCH_FILES)
     meta, tensors = _read(state)
     meta.update(schedule_start=None, branched_from=f"{src}@{meta.get('step')}")
     _write(dst / "train_state.safetensors", tensors, meta)
@@ -125,10 +122,7 @@ def keep(run: Path, dst: Path, tries: int = 60, wait: float = 5.0) -> int:
         if len({v for v in s.values() if v is not None}) == 1:
             tmp = dst.with_name(dst.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            for name in KEEP_FILES:
-                if (run / name).is_file():
-                    shutil.copyfile(run / name, tmp / name)
+            _copy(run, tmp, KEEP_FILES)
             if saved_steps(tmp) == s:      # no save landed while we copied
                 shutil.rmtree(dst, ignore_errors=True)
                 tmp.rename(dst)
@@ -146,8 +140,13 @@ def restore(kept: Path, run: Path) -> int:
         raise FileNotFoundError(f"{kept}: no kept run")
     if (run / "model.safetensors").exists():
         raise FileExistsError(f"{run}: already holds a run; not overwritten")
-    run.mkdir(parents=True, exist_ok=True)
-    for name in KEEP_FILES:
-        if (kept / name).is_file():
-            shutil.copyfile(kept / name, run / name)
+    _copy(kept, run, KEEP_FILES)
     return saved_steps(run)["model"]
+
+
+def _copy(src: Path, dst: Path, names: tuple[str, ...]) -> None:
+    """Copy those of `names` that `src` holds into `dst` (made if missing)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)

@@ -285,6 +285,50 @@ def test_edge_second_open_is_busy_until_closed(cfg):
         assert s.count() == 5
 
 
+@EDGE_ONLY
+@pytest.mark.parametrize("left", ["empty", "partial_segment"])
+def test_edge_create_killed_before_meta_is_redone(cfg, left):
+    """A build killed while the Edge shard was being created (seen at a random kill time):
+    the shard folder exists, with no segments or half of one, and no meta.json. Opening must
+    not fail ('edge config is not provided'): the half-made shard holds no points, status
+    counts 0, and the next ensure() creates it again."""
+    d = os.path.join(cfg.path, cfg.collection)
+    os.makedirs(os.path.join(d, "shard", "wal"))
+    (open(os.path.join(d, ".creating"), "w")).close()   # what ensure() leaves while creating
+    if left == "partial_segment":
+        seg = os.path.join(d, "shard", "segments", "0b5e1a2c-half")
+        os.makedirs(seg)
+        with open(os.path.join(seg, "segment.json"), "w") as f:
+            f.write('{"version": 1, "config": {"vector_da')   # cut mid-write
+    with open_store(cfg) as s:
+        assert s.count() == 0 and s.meta() is None
+        s.ensure(META)
+        s.upsert(make_points(5)[0])
+    with open_store(cfg) as s:
+        assert s.count() == 5 and s.meta()["dim"] == DIM
+    assert sorted(os.listdir(d)) == ["meta.json", "shard"]   # the marker went with meta.json
+
+
+@EDGE_ONLY
+def test_edge_shard_without_meta_or_marker_is_never_deleted(cfg):
+    """A shard folder with points and no meta.json that phisearch did not start creating is
+    not ours: opening leaves it, ensure() refuses it, its points stay."""
+    with open_store(cfg) as s:
+        s.ensure(META)
+        s.upsert(make_points(5)[0])
+    d = os.path.join(cfg.path, cfg.collection)
+    meta = open(os.path.join(d, "meta.json")).read()
+    os.remove(os.path.join(d, "meta.json"))
+    with open_store(cfg) as s:
+        assert s.count() == 0   # not opened: not a phisearch collection until ensure() says
+        with pytest.raises(StoreError, match="holds points but no meta.json"):
+            s.ensure(META)
+    with open(os.path.join(d, "meta.json"), "w") as f:   # put back: every point is still there
+        f.write(meta)
+    with open_store(cfg) as s:
+        assert s.count() == 5
+
+
 HOLDER = """
 import sys
 from phisearch.indexer.store import StoreConfig, open_store

@@ -39,6 +39,8 @@ from phisearch.indexer.store.lock import CollectionLock, LockTimeout, describe
 
 log = logging.getLogger(__name__)
 
+CREATING = ".creating"   # in a collection folder while its shard is made, before meta.json
+
 
 class EdgeStore(Store):
     """One collection of an Edge store folder, held open (and locked) until close()."""
@@ -69,11 +71,24 @@ class EdgeStore(Store):
         try:
             files.finish_swap(self.root, self.name)   # a restore killed mid-swap: finish/undo
             files.clean_temporaries(self.root, self.name)
-            if self.shard_dir.exists():   # a collection not yet built is opened by ensure()
+            self._drop_half_created()
+            if self.meta() is not None:   # a collection not yet built is opened by ensure()
                 self.shard = self._load()
         except BaseException:
             self.lock.release()
             raise
+
+    def _drop_half_created(self) -> None:
+        """A create killed before meta.json leaves a shard folder that may not load (no
+        segments yet, so no config to load it with). It cannot hold points (upserts come after
+        meta.json), so the folder our marker names as ours is removed and ensure() starts
+        again; a shard folder without our marker is not ours to delete (ensure() decides)."""
+        marker = self.dir / CREATING
+        if marker.exists() and not (self.dir / "meta.json").exists():
+            log.warning("%s: removing a shard whose creation was interrupted", self.where)
+            shutil.rmtree(self.shard_dir, ignore_errors=True)
+        if (self.dir / "meta.json").exists():
+            marker.unlink(missing_ok=True)
 
     @property
     def where(self) -> str:
@@ -136,6 +151,8 @@ class EdgeStore(Store):
         qe, config = self.qe, self._edge_config(meta["dim"])
         if self.shard is None and not self.shard_dir.exists():
             log.info("creating %s (dim %d)", self.where, meta["dim"])
+            self.dir.mkdir(parents=True, exist_ok=True)
+            (self.dir / CREATING).touch()   # until meta.json: see _drop_half_created
             try:
                 self.shard = qe.EdgeShard.create(str(self.shard_dir), config)
             except Exception as e:
@@ -151,6 +168,7 @@ class EdgeStore(Store):
                 qe.PayloadSchemaType.Keyword
             self.shard.update(qe.UpdateOperation.create_field_index(field, schema))
         files.write_json(self.dir / "meta.json", meta)   # last: the collection now exists
+        (self.dir / CREATING).unlink(missing_ok=True)
         self._dim = meta["dim"]
 
     def claim_write(self) -> None:

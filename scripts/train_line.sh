@@ -19,10 +19,7 @@ if [ ! -f "$OUT/model.safetensors" ] && [ -f "kept/$(basename "$OUT")/model.safe
 fi
 RESUME=()
 [ -f "$OUT/model.safetensors" ] || RESUME=(--resume small64)
-# glibc's defaults return freed tensors to the kernel and fault them back in every step (half
-# the CPU time in the kernel on this host): keep them in the heap.
-MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296 MALLOC_TOP_PAD_=268435456 \
-  OMP_NUM_THREADS=${THREADS:-2} nohup .venv/bin/idx train \
+OMP_NUM_THREADS=${THREADS:-2} nohup .venv/bin/idx train \
   --data "$T/tinyimagenet-train-{000000..000088}.tar.gz" --out "$OUT" "${RESUME[@]}" \
   --ema 0.999 --lr 1e-4 --lr-schedule cosine --warmup-steps 300 --schedule-steps 18000 \
   --steps 87079 --sigma-dist wide --save-every-minutes 5 --compile >> runs/logs/line.log 2>&1 &

@@ -294,7 +294,8 @@ def test_edge_create_killed_before_meta_is_redone(cfg, left):
     counts 0, and the next ensure() creates it again."""
     d = os.path.join(cfg.path, cfg.collection)
     os.makedirs(os.path.join(d, "shard", "wal"))
-    (open(os.path.join(d, ".creating"), "w")).close()   # what ensure() leaves while creating
+    with open(os.path.join(d, ".creating"), "w"):   # what ensure() leaves while creating
+        pass
     if left == "partial_segment":
         seg = os.path.join(d, "shard", "segments", "0b5e1a2c-half")
         os.makedirs(seg)
@@ -317,7 +318,8 @@ def test_edge_shard_without_meta_or_marker_is_never_deleted(cfg):
         s.ensure(META)
         s.upsert(make_points(5)[0])
     d = os.path.join(cfg.path, cfg.collection)
-    meta = open(os.path.join(d, "meta.json")).read()
+    with open(os.path.join(d, "meta.json")) as f:
+        meta = f.read()
     os.remove(os.path.join(d, "meta.json"))
     with open_store(cfg) as s:
         assert s.count() == 0   # not opened: not a phisearch collection until ensure() says

@@ -143,3 +143,26 @@ def test_a_kept_run_resumes_exactly_and_a_copy_between_saves_is_refused(tmp_path
     with pytest.raises(RuntimeError, match="do not agree"):
         keep(run, tmp_path / "kept" / "other", tries=2, wait=0.01)
     assert not (tmp_path / "kept" / "other").exists()
+
+
+def test_compiles_by_default_only_runs_of_ten_minutes_or_more(mini_shard, tmp_path):
+    """torch.compile costs about a minute, so a run compiles by default when it will last 10+
+    minutes: by --minutes, or by its steps left at the probed seconds per step (the probe runs
+    when --dtype is auto); an explicit --compile/--no-compile always wins. Compiling is lazy:
+    nothing here compiles."""
+    from phisearch.indexer.train.loop import Trainer
+
+    def trainer(steps: int, **kw) -> Trainer:
+        cfg = TrainConfig(data=(mini_shard,), out=str(tmp_path / f"r{len(list(tmp_path.iterdir()))}"),
+                          preset="tiny", batch_size=8, max_steps=steps, workers=0, device="cpu",
+                          **{"dtype": "fp32", **kw})
+        return Trainer(cfg)
+
+    assert trainer(10, minutes=10).record["compiled"]
+    assert not trainer(10, minutes=5).record["compiled"]
+    assert not trainer(10**9).record["compiled"]      # explicit dtype: no probe, no step time
+    t = trainer(10**9, dtype="auto")
+    assert t.record["compiled"] and 10**9 * t.speed[t.mode.label] >= 600
+    assert not trainer(2, dtype="auto").record["compiled"]   # 2 steps: well under 10 minutes
+    assert not trainer(10**9, minutes=10, compile=False).record["compiled"]
+    assert trainer(2, compile=True).record["compiled"]

@@ -35,7 +35,8 @@ def train(
     dtype: Annotated[str, typer.Option("--dtype", help="auto | fp32 | bf16")] = "auto",
     compile: Annotated[bool | None, typer.Option(
         "--compile/--no-compile", help="torch.compile the network (default: on CUDA, and on "
-        "a CPU for runs of 10+ minutes).")] = None,
+        "a CPU for runs of 10+ minutes: --minutes, or the steps left at the probed "
+        "speed).")] = None,
     resident: Annotated[bool, typer.Option(
         "--resident/--no-resident", help="Decode the training set once and keep it on the "
         "device (GPU: no decode or copy per step).")] = False,

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from phisearch.indexer.model import checkpoint as ckpt
 from phisearch.indexer.model.config import PhiConfig
+from phisearch.indexer.model.heap import keep_freed_memory
 from phisearch.indexer.model.phi import MID, fast_layout, features
 from phisearch.indexer.model.readout import Readout, check_fitted_for
 
@@ -81,6 +82,7 @@ class Embedder:
     def create(cls, checkpoint: str | None = None, phi: PhiConfig | None = None,
                device: str = "auto") -> Embedder:
         dev = pick_device(device)
+        keep_freed_memory()   # φ passes on CPU: no page faults for every batch (heap.py)
         c = ckpt.load(checkpoint, dev)
         phi = phi or PhiConfig(readout=c.info.get("readout", "mid"))
         check_fitted_for(phi.readout, c.info, phi.sigma, phi.draws, c.name)

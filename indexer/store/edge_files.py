@@ -3,7 +3,8 @@ no shard handle (or only the lock): JSON files replaced atomically, aliases.json
 archives, and the recovery of a snapshot restore that was killed mid-swap.
 
   <store>/<collection>/shard/        the EdgeShard (WAL on: survives a crash)
-  <store>/<collection>/meta.json     collection metadata
+  <store>/<collection>/meta.json     collection metadata (written last: the collection exists)
+  <store>/<collection>/.creating     only while the shard is created, before meta.json
   <store>/<collection>/docs/*.json   documents
   <store>/aliases.json               {alias: collection}
   <store>/.locks/<collection>.lock   our lock (lock.py)

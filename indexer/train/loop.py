@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from phisearch.indexer.model import checkpoint as ckpt
 from phisearch.indexer.model.config import preset
 from phisearch.indexer.model.embedder import pick_device
+from phisearch.indexer.model.heap import keep_freed_memory
 from phisearch.indexer.model.phi import as_float
 from phisearch.indexer.model.unet import UNet
 from phisearch.indexer.sources.loader import first_samples, loader
@@ -69,7 +70,7 @@ class TrainConfig:
     dtype: str = "auto"                   # auto (probe on CPU, bf16 on CUDA) | fp32 | bf16
     channels_last: bool | None = None     # None: probed with dtype on CPU, on for CUDA
     compile: bool | None = None           # torch.compile; None: on CUDA, and on a CPU for runs
-                                          # of 10+ minutes (1.35x, 67 s to compile: AVX2 host)
+                                          # of 10+ minutes (Trainer._long_run)
     resident: bool = False                # decode the training set once onto the device
     init_from: str | None = None          # warm start from this checkpoint (no optimizer state)
     sigma_dist: str = "paper"             # paper (√σ uniform on [0, 1]) | uniform | focus
@@ -124,6 +125,7 @@ class Trainer:
         self.ckpt_path, self.state_path = self.out / "model.safetensors", \
             self.out / "train_state.safetensors"
         self.device = pick_device(cfg.device)
+        keep_freed_memory()   # half the CPU time went to page faults without it (heap.py)
         torch.manual_seed(cfg.seed)
         self.urls = expand(cfg.data)
         self.n_data = dataset_size(self.urls)
@@ -159,8 +161,7 @@ class Trainer:
         self.mode, self.speed = self._pick_mode()
         if self.mode.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        compiled = cfg.compile if cfg.compile is not None else (
-            self.device.type == "cuda" or (cfg.minutes is not None and cfg.minutes >= 10))
+        compiled = cfg.compile if cfg.compile is not None else self._long_run()
         self.fwd = torch.compile(self.model) if compiled else self.model
         self.record = {"preset": self.preset_name, "train": asdict(self.cfg),
                        "data": {"shards": self.urls, "samples": self.n_data},
@@ -229,6 +230,19 @@ class Trainer:
             self.ema_steps = loaded.info.get("steps")
             ema.n_averaged.fill_(1)   # 0 would make the next update a plain copy
         return ema
+
+    def _long_run(self) -> bool:
+        """Worth torch.compile (about a minute to compile, 1.35x after on an AVX2 host): CUDA,
+        or a CPU run of 10+ minutes, by --minutes or by its steps left at the probed speed (an
+        explicit --dtype skips the probe, so only --minutes tells then)."""
+        cfg = self.cfg
+        if self.device.type == "cuda":
+            return True
+        if cfg.minutes is not None:
+            return cfg.minutes >= 10
+        per_step = (self.speed or {}).get(self.mode.label)
+        return bool(cfg.max_steps and per_step
+                    and (cfg.max_steps - self.state["step"]) * per_step >= 600)
 
     def _pick_mode(self) -> tuple[StepMode, dict | None]:
         """CUDA: bf16 + channels_last. CPU: an explicit --dtype, else the fastest measured."""

@@ -7,7 +7,7 @@ hosts (tests/test_heap.py measures it), and half the CPU went to the kernel. The
 those of the MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ / MALLOC_TOP_PAD_ environment
 variables, applied in-process through mallopt(3) by the trainer and by every Embedder (build,
 query, serve, the UI). The price: a process keeps the heap of its largest step (freed blocks
-are reused, not returned to the system), a few hundred MB for small64 at batch 32.
+are reused, not returned to the system): after the test's steps, 534 MB resident against 317.
 """
 
 from __future__ import annotations

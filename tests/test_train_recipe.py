@@ -150,11 +150,14 @@ def test_compiles_by_default_only_runs_of_ten_minutes_or_more(mini_shard, tmp_pa
     minutes: by --minutes, or by its steps left at the probed seconds per step (the probe runs
     when --dtype is auto); an explicit --compile/--no-compile always wins. Compiling is lazy:
     nothing here compiles."""
+    from itertools import count
+
     from phisearch.indexer.train.loop import Trainer
+    runs = count()
 
     def trainer(steps: int, **kw) -> Trainer:
-        cfg = TrainConfig(data=(mini_shard,), out=str(tmp_path / f"r{len(list(tmp_path.iterdir()))}"),
-                          preset="tiny", batch_size=8, max_steps=steps, workers=0, device="cpu",
+        cfg = TrainConfig(data=(mini_shard,), out=str(tmp_path / f"r{next(runs)}"), preset="tiny",
+                          batch_size=8, max_steps=steps, workers=0, device="cpu",
                           **{"dtype": "fp32", **kw})
         return Trainer(cfg)
 

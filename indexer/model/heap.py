@@ -2,7 +2,7 @@
 
 glibc's defaults hand large freed blocks back to the kernel (munmap, heap trimming), and the
 next step faults the same pages back in: a training step of a small convolutional net took
-~158,000 minor page faults with the defaults and ~2,500 with these settings on this project's
+~158,000 minor page faults with the defaults and 2,500-7,400 with these settings on this project's
 hosts (tests/test_heap.py measures it), and half the CPU went to the kernel. The settings are
 those of the MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ / MALLOC_TOP_PAD_ environment
 variables, applied in-process through mallopt(3) by the trainer and by every Embedder (build,

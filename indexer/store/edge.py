@@ -56,6 +56,7 @@ class EdgeStore(Store):
         self.name = name
         self.dir = self.root / self.name
         self.shard_dir = self.dir / "shard"
+        self.meta_path = self.dir / "meta.json"   # written last: the collection exists
         self.shard = None
         self._dim: int | None = None
         # Every open takes our lock first and keeps it until close(): no phisearch process
@@ -72,8 +73,8 @@ class EdgeStore(Store):
             files.finish_swap(self.root, self.name)   # a restore killed mid-swap: finish/undo
             files.clean_temporaries(self.root, self.name)
             self._drop_half_created()
-            if self.meta() is not None:   # a collection not yet built is opened by ensure()
-                self.shard = self._load()
+            if self.shard_dir.exists() and self.meta_path.is_file():
+                self.shard = self._load()   # a collection not yet built is opened by ensure()
         except BaseException:
             self.lock.release()
             raise
@@ -84,10 +85,12 @@ class EdgeStore(Store):
         meta.json), so the folder our marker names as ours is removed and ensure() starts
         again; a shard folder without our marker is not ours to delete (ensure() decides)."""
         marker = self.dir / CREATING
-        if marker.exists() and not (self.dir / "meta.json").exists():
+        if not marker.exists():
+            return
+        if not self.meta_path.exists():
             log.warning("%s: removing a shard whose creation was interrupted", self.where)
             shutil.rmtree(self.shard_dir, ignore_errors=True)
-        if (self.dir / "meta.json").exists():
+        else:   # killed between meta.json and the marker's removal: the collection is whole
             marker.unlink(missing_ok=True)
 
     @property
@@ -137,7 +140,7 @@ class EdgeStore(Store):
         return self.shard
 
     def meta(self) -> dict | None:
-        return files.read_json(self.dir / "meta.json") if self.shard_dir.exists() else None
+        return files.read_json(self.meta_path) if self.shard_dir.exists() else None
 
     def ensure(self, meta: dict) -> None:
         meta = prepare_meta(meta)
@@ -167,7 +170,7 @@ class EdgeStore(Store):
             schema = qe.PayloadSchemaType.Integer if kind == "integer" else \
                 qe.PayloadSchemaType.Keyword
             self.shard.update(qe.UpdateOperation.create_field_index(field, schema))
-        files.write_json(self.dir / "meta.json", meta)   # last: the collection now exists
+        files.write_json(self.meta_path, meta)   # last: the collection now exists
         (self.dir / CREATING).unlink(missing_ok=True)
         self._dim = meta["dim"]
 

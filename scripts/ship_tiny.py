@@ -5,7 +5,8 @@ they qualify (issue 26's rule). Every step is a command that could be run by han
  2. bench/recipe_score.py rows for the snapshot and the shipped weights on the four protocols of
     bench/protocols.py (tiny-val, imagenette-val: validation; tiny-test, imagenette-test: test),
     the default readout's whitening fitted on each gallery for both -> bench/results/
-    recipe_ship.json;
+    recipe_ship.json (--reference names a row already there to judge against instead of
+    scoring the shipped file again; --rule-readout the readout both rows use);
  3. the rule: ship when Tiny ImageNet validation kNN@10 rises for the default readout or the
     paper's φ, and no test kNN@10 of either falls by more than the noise of its queries (one
     binomial standard error at p = 0.5: 0.011 for 2,010 Tiny queries, 0.016 for 1,000 Imagenette);
@@ -69,18 +70,19 @@ def snapshot(run_dir: Path, dst_dir: Path, weights: str = "model") -> tuple[Path
     return dst, step
 
 
-def scored_row(rows: list[dict], sha12: str) -> dict | None:
-    """A row of recipe_ship.json already scored for these weights with today's READOUT (rows
+def scored_row(rows: list[dict], sha12: str, readout: str = READOUT) -> dict | None:
+    """A row of recipe_ship.json already scored for these weights with this readout (rows
     written before the K = 256 switch carry no "readout" and were scored with K = 128)."""
     return next((r for r in rows if r["model_sha256"] == sha12
-                 and r.get("readout", BESIDE) == READOUT), None)
+                 and r.get("readout", BESIDE) == readout), None)
 
 
-def decide(old: dict, new: dict) -> tuple[bool, list[str]]:
-    """The rule on two recipe_score rows; returns (ship?, one line per set and readout)."""
+def decide(old: dict, new: dict, readout: str = READOUT) -> tuple[bool, list[str]]:
+    """The rule on two recipe_score rows scored with `readout`; returns (ship?, one line per set
+    and readout)."""
     lines, rises, falls = [], False, False
     for s in ("tiny", "imagenette"):
-        for rep, name in (("phi", READOUT), ("phi_mid_raw", "mid")):
+        for rep, name in (("phi", readout), ("phi_mid_raw", "mid")):
             v0, v1 = old["knn@10"][f"{s}-val"][rep], new["knn@10"][f"{s}-val"][rep]
             t0, t1 = old["knn@10"][f"{s}-test"][rep], new["knn@10"][f"{s}-test"][rep]
             rises |= s == "tiny" and v1 > v0
@@ -129,6 +131,14 @@ def main() -> None:
     ap.add_argument("--origin-cpu-seconds", type=float, default=None,
                     help="train_cpu_seconds of the checkpoint the run's Tiny ImageNet training "
                          "began from (runs that do not record `warm_start_from`)")
+    ap.add_argument("--reference", metavar="SHA12", default=None,
+                    help="judge the rule against this recipe_ship.json row instead of scoring the "
+                         "shipped file: the shipped weights' own row before their fp16 copy "
+                         "(saves scoring the shipped model again, about half the script's time)")
+    ap.add_argument("--rule-readout", default=READOUT,
+                    help="the readout both rows of the rule are scored with (a --reference row "
+                         f"from before the K = 256 switch: {BESIDE}); the shipped default stays "
+                         f"{READOUT}")
     ap.add_argument("--dry-run", action="store_true", help="stop after the decision")
     ap.add_argument("--force", action="store_true", help="ship even if the rule says no")
     a = ap.parse_args()
@@ -143,16 +153,24 @@ def main() -> None:
     protos = ["tiny-val", "imagenette-val", "tiny-test", "imagenette-test"]
     images = rs.psnr_images()
     rows = {}
+    if a.reference:
+        rows["shipped"] = scored_row(doc["rows"], a.reference, a.rule_readout)
+        if rows["shipped"] is None:
+            raise SystemExit(f"{evidence}: no row {a.reference} scored with {a.rule_readout}")
+        print(f"reference: the row of {rows['shipped']['model_sha256']} "
+              f"({rows['shipped']['steps']} steps, {a.rule_readout})")
     for label, path in (("shipped", ckpt.resolve("small64")), ("candidate", snap)):
+        if label in rows:
+            continue
         sha = ckpt.load(path).sha256[:12]
-        row = scored_row(doc["rows"], sha)
+        row = scored_row(doc["rows"], sha, a.rule_readout)
         if row is None:
             row = dict(arm=label, weights=a.weights if label == "candidate" else "fixed",
-                       **rs.score(path, protos, str(a.cache), images, readout=READOUT))
+                       **rs.score(path, protos, str(a.cache), images, readout=a.rule_readout))
             doc["rows"].append(row)
             evidence.write_text(json.dumps(doc, indent=1) + "\n")
         rows[label] = row
-    ok, lines = decide(rows["shipped"], rows["candidate"])
+    ok, lines = decide(rows["shipped"], rows["candidate"], a.rule_readout)
     print("\n".join(lines))
     print("decision:", "ship" if ok else "keep the shipped weights")
     if a.dry_run or not (ok or a.force):
@@ -186,6 +204,9 @@ def main() -> None:
         ship_decision={"rule": "Tiny ImageNet validation kNN@10 up for the default readout or "
                                "mid; no test kNN@10 of either, on either set, down by more than "
                                f"its noise {NOISE}", "evidence": "bench/results/recipe_ship.json",
+                       "readout": a.rule_readout,
+                       "against": f"model_sha256 {rows['shipped']['model_sha256']} "
+                                  f"({rows['shipped']['steps']} steps)",
                        "lines": lines})
     ckpt.save(c.model, fitted, c.info, extras=c.extras)
     ckpt.ship(fitted, "small64")

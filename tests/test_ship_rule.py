@@ -57,6 +57,15 @@ def test_a_row_scored_with_another_readout_is_scored_again():
     assert ship.scored_row([old], "f11229b5a4a2") is None
     assert ship.scored_row([old, new], "f11229b5a4a2") is new
     assert ship.scored_row([new], "0ea2d0c2de53") is None
+    # --reference judges against a row at --rule-readout: a K = 128 row from before the switch
+    assert ship.scored_row([old, new], "f11229b5a4a2", ship.BESIDE) is old
+
+
+def test_the_rule_lines_name_the_readout_both_rows_were_scored_with():
+    ship = _module(REPO / "scripts" / "ship_tiny.py", "ship_tiny")
+    old, new = _row((0.097, 0.022), (0.097, 0.026)), _row((0.100, 0.022), (0.097, 0.026))
+    ok, lines = ship.decide(old, new, "blocks+white128+l2")
+    assert ok and lines[0].startswith("tiny blocks+white128+l2: val 0.097 -> 0.100 (+0.003)")
 
 
 def test_tiny_rule_ships_on_a_tiny_validation_rise_and_refuses_a_test_fall_beyond_noise():

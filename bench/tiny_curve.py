@@ -34,8 +34,9 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 SCALE = 30.0   # minutes: where the fitted rise starts to slow (ln(1 + m / SCALE))
 
-# (results file, arm label, weights, Tiny minutes the arm's cpu_minutes count from, note)
-LINE: list[tuple[str, str, str, float, str]] = [
+# (results file, arm label, weights, Tiny minutes the arm's cpu_minutes count from, note[,
+#  fewest steps: rows of that arm with fewer belong to an earlier part of the line])
+LINE: list[tuple] = [
     ("recipe_warm_vs_scratch.json", "shipped", "fixed", 0.0,
      "small64 shipped (Imagenette only), the line's start"),
     ("recipe_warm_vs_scratch.json", "warm", "ema", 0.0, "decision 1's warm arm, constant 1e-4"),
@@ -54,6 +55,10 @@ LINE: list[tuple[str, str, str, float, str]] = [
     ("recipe_line.json", "line", "ema", 0.0,
      "the line: decision 6's winner (wide) again from the shipped model, cosine 1e-4 -> 0 over "
      "18,000 steps"),
+    # scripts/ship_tiny.py --weights ema: the line's candidates; their cpu_minutes count from the
+    # shipped 69,079-step model it warm-started from (train_cpu_seconds 32,417.5 - 8,320.2)
+    ("recipe_ship.json", "candidate", "ema", 401.6,
+     "the line: a ship candidate (decided by scripts/ship_tiny.py)", 69080),
 ]
 # set -> (validation protocol, readout key, bar kind, value): issue 26's "Done when"
 BARS = [
@@ -68,12 +73,14 @@ UNTRAINED = {"phi": "random_init", "phi_mid_raw": "random_init_mid_raw"}
 def points() -> list[dict]:
     """The line's rows in order of minutes: {minutes, note, steps, knn: {set: {rep: value}}}."""
     out = []
-    for file, arm, weights, offset, note in LINE:
+    for file, arm, weights, offset, note, *fewest in LINE:
         path = RESULTS / file
         if not path.is_file():
             continue
         rows = [r for r in json.loads(path.read_text())["rows"]
-                if r["arm"] == arm and r["weights"] == weights]
+                if r["arm"] == arm and r["weights"] == weights
+                and r["steps"] >= (fewest[0] if fewest else 0)
+                and r.get("readout", "blocks+white128+l2") == "blocks+white128+l2"]
         for r in rows:
             minutes = offset + (r["cpu_minutes"] or 0.0)
             out.append({"minutes": round(minutes, 1), "note": note, "steps": r["steps"],

@@ -2,7 +2,7 @@
 and the channel statistics the UI uses to pick what is worth showing.
 
 The search compares the collection's dense `phi` vectors (its readout: for the shipped default
-`blocks+white128+l2`, whitened principal axes of every block's means, scaled to unit length).
+`blocks+white256+l2`, whitened principal axes of every block's means, scaled to unit length).
 The paper's middle-block channels (`query.explain`) are another space: their distance can be
 0.04 where the search's is 0.88, so the readout's distance is the one explained first here.
 """

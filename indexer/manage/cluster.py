@@ -15,7 +15,7 @@ centroid (1 = on a centroid, 0 = on a boundary). Stored rounded to 0.01, so that
 writes group into at most ~101 updates per cluster.
 
 Clustering reads the collection's own dense readout, whatever the collection was built with
-(its meta's `readout`); the shipped small64's default readout is blocks+white128+l2 (128-d,
+(its meta's `readout`); the shipped small64's default readout is blocks+white256+l2 (256-d,
 whitened and unit length already, so `auto` below is l2 and changes nothing).
 
 Defaults, measured with bench/cluster_preprocess.py (NMI against the 10 labels, HDBSCAN noise

@@ -33,6 +33,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 SCALE = 30.0   # minutes: where the fitted rise starts to slow (ln(1 + m / SCALE))
+# Every point is scored with one readout: the K = 128 default every recipe row used (rows that
+# carry no "readout" predate the K = 256 switch and were scored with it).
+CURVE_READOUT = "blocks+white128+l2"
 
 # (results file, arm label, weights, Tiny minutes the arm's cpu_minutes count from, note[,
 #  fewest steps: rows of that arm with fewer belong to an earlier part of the line])
@@ -80,7 +83,7 @@ def points() -> list[dict]:
         rows = [r for r in json.loads(path.read_text())["rows"]
                 if r["arm"] == arm and r["weights"] == weights
                 and r["steps"] >= (fewest[0] if fewest else 0)
-                and r.get("readout", "blocks+white128+l2") == "blocks+white128+l2"]
+                and r.get("readout", CURVE_READOUT) == CURVE_READOUT]
         for r in rows:
             minutes = offset + (r["cpu_minutes"] or 0.0)
             out.append({"minutes": round(minutes, 1), "note": note, "steps": r["steps"],
